@@ -1,0 +1,33 @@
+# `make test` and `make demo` set everything up from a bare Python 3.11.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: test demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed-test: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+test: $(VENV)/.installed-test
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+demo: $(VENV)/.installed
+	$(BIN)/isr-dpo demo --workdir=runs/demo
+
+bench: $(VENV)/.installed-test
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .jax_cache .pytest_cache runs
