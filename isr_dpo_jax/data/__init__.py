@@ -1,0 +1,1 @@
+"""Data: videos, text, records, datasets and the synthetic video world."""
