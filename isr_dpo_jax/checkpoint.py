@@ -1,0 +1,91 @@
+"""Training checkpoints: Orbax CheckpointManager, one directory per iteration.
+
+Layout: `<root>/iteration_<t>/<step>/{state,data}`. `state` is the train state
+pytree (params, optimizer state, step, RNG) written as sharded arrays; `data` is
+the input iterator's state as JSON (grain's `get_state()`), so a killed run
+resumes on the exact next batch. Saves are asynchronous: `save` returns once
+the arrays are copied off the devices, so the caller may donate the state to
+the next step while the files are written.
+
+Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with shardings),
+so a checkpoint written on one mesh loads directly onto another.
+"""
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> str:
+  """The checkpoint directory of ISR-DPO iteration `iteration` under `root`."""
+  return os.path.join(os.fspath(root), f"iteration_{iteration}")
+
+
+class Checkpointer:
+  """Periodic, asynchronous train-state checkpoints of one iteration."""
+
+  def __init__(self, directory: str | os.PathLike, *,
+               save_interval_steps: int = 100, max_to_keep: int | None = 2,
+               async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_interval_steps, max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(os.fspath(directory)), options=options,
+        item_names=("state", "data"))
+
+  @property
+  def directory(self) -> str:
+    return os.fspath(self._manager.directory)
+
+  def latest_step(self) -> int | None:
+    """The last step whose checkpoint was fully written, or None."""
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: PyTree,
+           data_state: Mapping[str, Any] | None = None, *,
+           force: bool = False) -> bool:
+    """Saves at `step` if it falls on the interval (or `force`); async."""
+    return self._manager.save(step, force=force, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        data=ocp.args.JsonSave(dict(data_state or {}))))
+
+  def restore(self, abstract_state: PyTree, step: int | None = None
+              ) -> tuple[PyTree, dict]:
+    """Restores (state, data_state) at `step` (default: latest).
+
+    `abstract_state` gives shapes, dtypes and the target shardings, e.g.
+    `jax.eval_shape(init_fn)` with `.sharding` set for the current mesh.
+    `data_state` is `{}` when none was saved.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=ocp.args.JsonRestore()))
+    return restored["state"], restored["data"]
+
+  def wait(self) -> None:
+    """Blocks until pending asynchronous saves are on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:
+  """ShapeDtypeStructs of `tree` placed on `shardings` (a restore target)."""
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      tree, shardings)

@@ -1,0 +1,73 @@
+"""Per-step training metrics: one jsonl line and TensorBoard scalars per step.
+
+The jsonl file is the machine-readable record (plots and reports read it); the
+TensorBoard event files are for watching a run live. Only process 0 writes, so
+multi-host runs produce one copy.
+"""
+import json
+import os
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+import tensorboardX
+
+
+class MetricsWriter:
+  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and events."""
+
+  def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    _drop_partial_last_line(self.path)
+    self._jsonl = open(self.path, "a", encoding="utf-8")
+    self._tb = tensorboardX.SummaryWriter(os.fspath(workdir))
+
+  def write(self, step: int, metrics: Mapping[str, float]) -> None:
+    """Writes scalar metrics (Python or array scalars) for one step."""
+    if not self.enabled:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, int(step))
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _drop_partial_last_line(path: str) -> None:
+  """Truncates a line cut short by a killed run, so appends start clean."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+  """Reads a metrics file back, one row per step in step order.
+
+  A resumed run rewrites the steps after its last checkpoint; the latest row
+  for a step wins. A partial last line (killed run) is ignored.
+  """
+  by_step = {}
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if line.endswith("\n"):
+        row = json.loads(line)
+        by_step[row["step"]] = row
+  return [by_step[s] for s in sorted(by_step)]
