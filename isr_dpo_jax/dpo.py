@@ -1,0 +1,173 @@
+"""DPO and SFT objectives on response log-probs (METHOD.md section 3).
+
+Pure functions, no model. Their logits are already aligned with the tokens
+they score: `logits_BxTxV[:, t]` scores `targets_BxT[:, t]`. `packing.py` owns
+the next-token shift that picks those logits out of a model's rows.
+
+Sequence log-probs travel as SUMS over response tokens, with the response
+lengths beside them (this is also how reference log-probs are stored with the
+pairs); `dpo_loss` turns them into per-token means where the loss asks for it,
+so no caller has to know which aggregation a loss type wants.
+
+A pair whose chosen response has no tokens is padding (the dummy rows that
+fill a short last batch, `data/batching.py`): it gets loss 0 and stays out of
+every mean.
+"""
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LossType = Literal["sigmoid", "ipo", "hinge"]
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+def response_logps(logits_BxTxV, targets_BxT, mask_BxT):
+  """Log-probs of the masked response tokens: (sum_B, mean_B, count_B).
+
+  Computed as logsumexp minus the gathered target logit (optax), in float32
+  whatever the logits dtype; under jit the cast fuses into the reductions, so
+  no float32 copy of bf16 logits is kept on accelerators.
+  """
+  token_logps_BxT = -optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits_BxTxV.astype(jnp.float32), targets_BxT)
+  token_logps_BxT = jnp.where(mask_BxT, token_logps_BxT, 0.0)
+  sum_B = token_logps_BxT.sum(axis=-1)
+  count_B = mask_BxT.sum(axis=-1, dtype=jnp.int32)
+  mean_B = sum_B / jnp.maximum(count_B, 1)
+  return sum_B, mean_B, count_B
+
+
+def sft_loss(logits_BxTxV, targets_BxT, mask_BxT):
+  """Masked token cross-entropy, averaged over all masked tokens of the batch.
+
+  Token-weighted like torch's CrossEntropyLoss(ignore_index=-100), which the
+  lineage's trainer uses for its SFT term.
+  """
+  sum_B, _, count_B = response_logps(logits_BxTxV, targets_BxT, mask_BxT)
+  return _token_mean_nll(sum_B, count_B)
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps,
+             reference_chosen_logps, reference_rejected_logps, *,
+             chosen_lengths, rejected_lengths, beta=0.1,
+             loss_type: LossType = "sigmoid", label_smoothing=0.0,
+             length_penalty=0.0, length_normalized=False):
+  """Per-pair DPO losses [B] and their metrics (means over the real pairs).
+
+  Args:
+    policy_chosen_logps: [B] summed log-probs of y_w under the policy.
+    policy_rejected_logps: [B] summed log-probs of y_l under the policy.
+    reference_chosen_logps: [B] summed log-probs of y_w under the reference.
+    reference_rejected_logps: [B] summed log-probs of y_l under the reference.
+    chosen_lengths: [B] token counts |y_w|.
+    rejected_lengths: [B] token counts |y_l|.
+    beta: the KL strength (tau of IPO).
+    loss_type: "sigmoid" (DPO, with cDPO label smoothing), "ipo" (always on
+      per-token mean log-probs, as in the lineage's trainer) or "hinge"
+      (SLiC).
+    label_smoothing: eps, the assumed share of flipped labels; sigmoid only.
+    length_penalty: alpha of R-DPO, in nats per token of length difference:
+      logits - alpha * (|y_w| - |y_l|). (R-DPO's paper writes it after the
+      beta scaling; its alpha is beta * this one.)
+    length_normalized: score responses by per-token mean log-probs.
+
+  Returns:
+    (losses_B, metrics) with rewards/{chosen,rejected,margins,accuracies},
+    logps/{chosen,rejected} (as the loss saw them) and lengths/{chosen,
+    rejected}, averaged over the real pairs.
+  """
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
+  if label_smoothing and loss_type != "sigmoid":
+    raise ValueError(f"label_smoothing applies to the sigmoid loss only, not "
+                     f"to {loss_type!r}")
+  real_B = _real_pairs(chosen_lengths)
+  chosen_lengths = jnp.asarray(chosen_lengths, jnp.float32)
+  rejected_lengths = jnp.asarray(rejected_lengths, jnp.float32)
+  if length_normalized or loss_type == "ipo":
+    chosen_divisor = jnp.maximum(chosen_lengths, 1)
+    rejected_divisor = jnp.maximum(rejected_lengths, 1)
+    policy_chosen_logps = policy_chosen_logps / chosen_divisor
+    reference_chosen_logps = reference_chosen_logps / chosen_divisor
+    policy_rejected_logps = policy_rejected_logps / rejected_divisor
+    reference_rejected_logps = reference_rejected_logps / rejected_divisor
+
+  chosen_logratios = policy_chosen_logps - reference_chosen_logps
+  rejected_logratios = policy_rejected_logps - reference_rejected_logps
+  logits = (chosen_logratios - rejected_logratios
+            - length_penalty * (chosen_lengths - rejected_lengths))
+  if loss_type == "sigmoid":
+    losses = (-jax.nn.log_sigmoid(beta * logits) * (1 - label_smoothing)
+              - jax.nn.log_sigmoid(-beta * logits) * label_smoothing)
+  elif loss_type == "ipo":
+    losses = (logits - 1 / (2 * beta)) ** 2
+  else:
+    losses = jax.nn.relu(1 - beta * logits)
+
+  chosen_rewards = beta * chosen_logratios
+  rejected_rewards = beta * rejected_logratios
+  per_pair = {
+      "rewards/chosen": chosen_rewards,
+      "rewards/rejected": rejected_rewards,
+      "rewards/margins": chosen_rewards - rejected_rewards,
+      "rewards/accuracies": chosen_rewards > rejected_rewards,
+      "logps/chosen": policy_chosen_logps,
+      "logps/rejected": policy_rejected_logps,
+      "lengths/chosen": chosen_lengths,
+      "lengths/rejected": rejected_lengths,
+  }
+  metrics = {name: _mean_over(jax.lax.stop_gradient(x_B), real_B)
+             for name, x_B in per_pair.items()}
+  return jnp.where(real_B, losses, 0.0), metrics
+
+
+def dpo_objective(logits_2BxTxV, targets_2BxT, mask_2BxT,
+                  reference_chosen_logps, reference_rejected_logps, *,
+                  dpo_alpha=1.0, gamma=0.0, **dpo_kwargs):
+  """dpo_alpha * mean(L_dpo) + gamma * CE(chosen), and its metrics.
+
+  Runs on the policy's response logits only (see `packing.read_responses`);
+  reference log-probs come precomputed, as stored with the pairs.
+
+  Args:
+    logits_2BxTxV: policy logits scoring the responses, chosen rows first
+      (`packing.read_responses` returns them in this layout).
+    targets_2BxT: response tokens, chosen rows then rejected rows.
+    mask_2BxT: the response tokens that count.
+    reference_chosen_logps: [B] summed reference log-probs of y_w.
+    reference_rejected_logps: [B] summed reference log-probs of y_l.
+    dpo_alpha: weight of the DPO term.
+    gamma: weight of the SFT cross-entropy on the chosen responses.
+    **dpo_kwargs: `dpo_loss` options (beta, loss_type, ...).
+
+  Returns:
+    (total scalar loss, metrics): `dpo_loss`'s metrics and losses/{dpo, sft,
+    total}, each loss before its weight except the total.
+  """
+  sum_2B, _, count_2B = response_logps(logits_2BxTxV, targets_2BxT, mask_2BxT)
+  chosen_logps, rejected_logps = jnp.split(sum_2B, 2)
+  chosen_lengths, rejected_lengths = jnp.split(count_2B, 2)
+  losses_B, metrics = dpo_loss(
+      chosen_logps, rejected_logps, reference_chosen_logps,
+      reference_rejected_logps, chosen_lengths=chosen_lengths,
+      rejected_lengths=rejected_lengths, **dpo_kwargs)
+  dpo_term = _mean_over(losses_B, _real_pairs(chosen_lengths))
+  sft_term = _token_mean_nll(chosen_logps, chosen_lengths)
+  total = dpo_alpha * dpo_term + gamma * sft_term
+  metrics |= {"losses/dpo": dpo_term, "losses/sft": sft_term,
+              "losses/total": total}
+  return total, metrics
+
+
+def _token_mean_nll(sum_B, count_B):
+  return -sum_B.sum() / jnp.maximum(count_B.sum(), 1)
+
+
+def _real_pairs(chosen_lengths_B):
+  return jnp.asarray(chosen_lengths_B) > 0
+
+
+def _mean_over(x_B, real_B):
+  return jnp.where(real_B, x_B, 0).sum() / jnp.maximum(real_B.sum(), 1)

@@ -1,0 +1,180 @@
+"""dpo.py against float64 NumPy re-implementations and torch's cross-entropy."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from isr_dpo_jax import dpo
+
+BATCH = 32
+
+
+def np_response_logps(logits, targets, mask):
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  token = np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+  total = (token * mask).sum(-1)
+  count = mask.sum(-1)
+  return total, total / np.maximum(count, 1), count
+
+
+def np_log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def np_dpo(pc, pr, rc, rr, lc, lr, *, beta=0.1, loss_type="sigmoid",
+           label_smoothing=0.0, length_penalty=0.0, length_normalized=False):
+  """METHOD.md section 3, in float64."""
+  if length_normalized or loss_type == "ipo":
+    pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
+  logits = (pc - rc) - (pr - rr) - length_penalty * (lc - lr)
+  if loss_type == "sigmoid":
+    losses = (-np_log_sigmoid(beta * logits) * (1 - label_smoothing)
+              - np_log_sigmoid(-beta * logits) * label_smoothing)
+  elif loss_type == "ipo":
+    losses = (logits - 1 / (2 * beta)) ** 2
+  else:
+    losses = np.maximum(0.0, 1 - beta * logits)
+  chosen, rejected = beta * (pc - rc), beta * (pr - rr)
+  metrics = {
+      "rewards/chosen": chosen.mean(),
+      "rewards/rejected": rejected.mean(),
+      "rewards/margins": (chosen - rejected).mean(),
+      "rewards/accuracies": (chosen > rejected).mean(),
+      "logps/chosen": pc.mean(),
+      "logps/rejected": pr.mean(),
+      "lengths/chosen": lc.mean(),
+      "lengths/rejected": lr.mean(),
+  }
+  return losses, metrics
+
+
+@pytest.fixture(scope="module")
+def pair_logps():
+  """Summed log-probs as a model gives them, policy near its reference."""
+  rng = np.random.default_rng(0)
+  lc = rng.integers(1, 60, BATCH).astype(np.float32)
+  lr = rng.integers(1, 60, BATCH).astype(np.float32)
+  rc = (-rng.uniform(0.5, 3.0, BATCH) * lc).astype(np.float32)
+  rr = (-rng.uniform(0.5, 3.0, BATCH) * lr).astype(np.float32)
+  pc = (rc + rng.normal(0, 10, BATCH)).astype(np.float32)
+  pr = (rr + rng.normal(0, 10, BATCH)).astype(np.float32)
+  return pc, pr, rc, rr, lc, lr
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="sigmoid"),
+    dict(loss_type="sigmoid", beta=0.5, label_smoothing=0.2),
+    dict(loss_type="sigmoid", length_penalty=0.05),
+    dict(loss_type="sigmoid", length_normalized=True),
+    dict(loss_type="ipo"),
+    dict(loss_type="ipo", beta=0.5, length_penalty=0.02),
+    dict(loss_type="hinge"),
+    dict(loss_type="hinge", length_normalized=True, length_penalty=0.01),
+], ids=str)
+def test_dpo_loss_matches_numpy(pair_logps, options):
+  pc, pr, rc, rr, lc, lr = pair_logps
+  losses, metrics = jax.jit(functools.partial(dpo.dpo_loss, **options))(
+      pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr)
+  want_losses, want_metrics = np_dpo(
+      *(x.astype(np.float64) for x in pair_logps), **options)
+  np.testing.assert_allclose(losses, want_losses, rtol=2e-5, atol=1e-6)
+  assert metrics.keys() == want_metrics.keys()
+  for name, want in want_metrics.items():
+    np.testing.assert_allclose(metrics[name], want, rtol=2e-5, atol=1e-6,
+                               err_msg=name)
+
+
+def test_dpo_loss_inputs_exercise_both_sides(pair_logps):
+  """The shared inputs reach both branches of hinge and of the accuracy."""
+  losses, metrics = dpo.dpo_loss(*pair_logps[:4], chosen_lengths=pair_logps[4],
+                                 rejected_lengths=pair_logps[5],
+                                 loss_type="hinge")
+  assert 0 < (losses == 0).mean() < 1
+  assert 0 < metrics["rewards/accuracies"] < 1
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(loss_type="kto"), "loss_type"),
+    (dict(loss_type="ipo", label_smoothing=0.1), "label_smoothing"),
+])
+def test_dpo_loss_rejects_bad_options(pair_logps, options, message):
+  with pytest.raises(ValueError, match=message):
+    dpo.dpo_loss(*pair_logps[:4], chosen_lengths=pair_logps[4],
+                 rejected_lengths=pair_logps[5], **options)
+
+
+@pytest.fixture(scope="module")
+def response_batch():
+  """Logits far from zero (a naive exp overflows), an all-masked row."""
+  rng = np.random.default_rng(1)
+  logits = (rng.normal(0, 8, (4, 9, 50)) + 1000).astype(np.float32)
+  targets = rng.integers(0, 50, (4, 9)).astype(np.int32)
+  mask = rng.random((4, 9)) < 0.7
+  mask[2] = False
+  return logits, targets, mask
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_response_logps_matches_numpy(response_batch, dtype):
+  logits, targets, mask = response_batch
+  logits = jnp.asarray(logits, dtype)
+  got = jax.jit(dpo.response_logps)(logits, targets, mask)
+  # float32 arithmetic even on bf16 inputs: compare to the bf16 values.
+  want = np_response_logps(np.asarray(logits.astype(jnp.float32)), targets,
+                           mask)
+  for name, g, w in zip(("sum", "mean", "count"), got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-4, err_msg=name)
+  assert got[0].dtype == jnp.float32 and got[2].dtype == jnp.int32
+
+
+def test_sft_loss_matches_torch_cross_entropy(response_batch):
+  logits, targets, mask = response_batch
+  want = torch.nn.functional.cross_entropy(
+      torch.from_numpy(logits).flatten(0, 1),
+      torch.from_numpy(np.where(mask, targets, -100)).long().flatten(),
+      ignore_index=-100)
+  got = jax.jit(dpo.sft_loss)(logits, targets, mask)
+  np.testing.assert_allclose(got, want.numpy(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_type="sigmoid", beta=0.1, dpo_alpha=0.7, gamma=0.3),
+    dict(loss_type="ipo", beta=0.5, dpo_alpha=1.0, gamma=0.0),
+    dict(loss_type="hinge", length_normalized=True, gamma=1.0),
+], ids=str)
+def test_dpo_objective_combines_dpo_and_sft_over_real_pairs(options):
+  """The last pair is a dummy row (all masks False): it must count nowhere."""
+  rng = np.random.default_rng(2)
+  pairs, length, vocab = 4, 6, 20
+  logits = rng.normal(0, 3, (2, pairs, length, vocab)).astype(np.float32)
+  targets = rng.integers(0, vocab, (2, pairs, length)).astype(np.int32)
+  mask = np.arange(length) < rng.integers(1, length + 1, (2, pairs, 1))
+  mask[:, -1] = False
+  ref_chosen, ref_rejected = rng.normal(-20, 3, (2, pairs)).astype(np.float32)
+
+  total, metrics = jax.jit(functools.partial(dpo.dpo_objective, **options))(
+      logits.reshape(2 * pairs, length, vocab),
+      targets.reshape(2 * pairs, length), mask.reshape(2 * pairs, length),
+      ref_chosen, ref_rejected)
+
+  dpo_alpha, gamma = options.pop("dpo_alpha", 1.0), options.pop("gamma")
+  real = slice(0, pairs - 1)
+  (sc, _, lc), (sr, _, lr) = (np_response_logps(logits[i, real],
+                                                targets[i, real], mask[i, real])
+                              for i in (0, 1))
+  losses, want_metrics = np_dpo(sc, sr, ref_chosen[real], ref_rejected[real],
+                                lc, lr, **options)
+  sft = -sc.sum() / lc.sum()
+  want_total = dpo_alpha * losses.mean() + gamma * sft
+  want_metrics |= {"losses/dpo": losses.mean(), "losses/sft": sft,
+                   "losses/total": want_total}
+  np.testing.assert_allclose(total, want_total, rtol=1e-5)
+  assert metrics.keys() == want_metrics.keys()
+  for name, want in want_metrics.items():
+    np.testing.assert_allclose(metrics[name], want, rtol=1e-5, atol=1e-6,
+                               err_msg=name)
