@@ -1,0 +1,87 @@
+"""VideoQA test sets in the ShareGPTVideo test-QA format, and their names.
+
+A test file is jsonl, one question per line:
+  {"id", "video", "caption", "conversations": [
+      {"from": "human", "value": "<video>\\n{question}"},
+      {"from": "gpt", "value": "{answer}"}]}
+as published in huggingface.co/datasets/ShareGPTVideo/test_video_and_instruction
+under video_instruction/test/ (LLaVA-Hound-DPO's setup/set_path.sh calls that
+folder TEST_DATA_DIR; its test pipelines read `{name}.qa.jsonl` from it).
+"""
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from isr_dpo_jax.data import records as records_lib
+
+VIDEO_PLACEHOLDER = "<video>"
+
+# The registry: short name -> file in the test folder.
+IN_DOMAIN = ("actnet", "vidal", "webvid")
+OUT_DOMAIN = ("msvd", "msrvtt", "tgif", "ssv2")
+TEST_SET_FILES = {name: f"{name}.qa.jsonl" for name in IN_DOMAIN + OUT_DOMAIN}
+
+
+@dataclasses.dataclass(frozen=True)
+class QARecord:
+  """One test question about one video, with its ground truth."""
+  id: str
+  video: str
+  question: str
+  answer: str
+  caption: str
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+  name: str
+  path: Path
+  records: list[QARecord]
+  skipped: int  # bad records and repeated ids, logged one by one
+
+
+def resolve_test_set(name_or_path: str,
+                     root: str | os.PathLike[str] | None) -> tuple[str, Path]:
+  """(name, file) of a registered test set under `root`, or of any file."""
+  if name_or_path in TEST_SET_FILES:
+    if root is None:
+      raise ValueError(f"test set {name_or_path!r} needs the test folder "
+                       "(config test_root) holding " +
+                       TEST_SET_FILES[name_or_path])
+    return name_or_path, Path(root) / TEST_SET_FILES[name_or_path]
+  path = Path(name_or_path)
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{name_or_path!r} is neither a test-QA file nor a registered test set "
+        f"({', '.join(TEST_SET_FILES)})")
+  return path.name.removesuffix(".jsonl").removesuffix(".qa"), path
+
+
+def load_test_set(name_or_path: str,
+                  root: str | os.PathLike[str] | None = None,
+                  max_error_rate: float | None = None) -> TestSet:
+  """Reads a test set; bad records and repeated ids are skipped and counted.
+
+  Raises records.TooManyBadRecords above `max_error_rate` bad records.
+  """
+  name, path = resolve_test_set(name_or_path, root)
+  report = records_lib.read_jsonl(path, "test_qa",
+                                  max_error_rate=max_error_rate)
+  by_id = {}
+  for row in report.records:
+    if row["id"] in by_id:
+      logging.warning("%s: skipping a repeated id %r", path, row["id"])
+      continue
+    by_id[row["id"]] = to_qa_record(row)
+  skipped = len(report.errors) + len(report.records) - len(by_id)
+  return TestSet(name=name, path=path, records=list(by_id.values()),
+                 skipped=skipped)
+
+
+def to_qa_record(row: records_lib.Record) -> QARecord:
+  """The first question and answer of a validated test-QA record."""
+  question, answer = records_lib.conversation_turns(row["conversations"])[0]
+  return QARecord(id=row["id"], video=row["video"],
+                  question=question.replace(VIDEO_PLACEHOLDER, "").strip(),
+                  answer=answer, caption=row["caption"])
