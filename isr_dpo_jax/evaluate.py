@@ -1,0 +1,173 @@
+"""VideoQA evaluation: answers, judged or matched, into a results table.
+
+Per test set, predictions and judgments are appended to
+`{workdir}/{test set}/predictions.jsonl` and `judgments.jsonl` as they come,
+keyed by record id, so a killed run picks up where it stopped; the table goes
+to `{workdir}/results.md` and `results.jsonl`. Answers come from
+`answer_fn(records) -> predictions` (greedy decoding by the generation engine).
+Scores come from the caption-grounded judge of `eval.judge_prompt` (any
+`eval.judge_client.Judge`), or, for test sets whose answers can be checked
+(the synthetic world's), from a checker without any judge.
+"""
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from ml_collections import config_dict
+
+from isr_dpo_jax.data import records
+from isr_dpo_jax.eval import judge_client
+from isr_dpo_jax.eval import judge_prompt
+from isr_dpo_jax.eval import scoring
+from isr_dpo_jax.eval import tables
+from isr_dpo_jax.eval import test_sets
+
+AnswerFn = Callable[[Sequence[test_sets.QARecord]], Sequence[str]]
+
+
+def default_config() -> config_dict.ConfigDict:
+  """Evaluation settings; the judge defaults are the published protocol's."""
+  return config_dict.ConfigDict(dict(
+      test_sets=list(test_sets.OUT_DOMAIN),
+      # Folder of `{name}.qa.jsonl`: video_instruction/test of
+      # ShareGPTVideo/test_video_and_instruction.
+      test_root=config_dict.placeholder(str),
+      max_error_rate=0.01,  # share of bad test records that stops the run
+      batch_size=32,  # records per answer_fn call
+      scoring="judge",  # "judge" or "match" (checker, no judge)
+      judge=dict(
+          model="gpt-3.5-turbo-0301",
+          base_url=config_dict.placeholder(str),  # else OPENAI_BASE_URL
+          api_key=config_dict.placeholder(str),  # else OPENAI_API_KEY
+          cache_path=config_dict.placeholder(str),  # else workdir/judge_cache
+          concurrency=8,
+          max_retries=6,
+          timeout_s=60.0,
+          backoff_s=1.0,
+          batch_size=64,  # prompts per judge call (judgments saved after each)
+      ),
+  ))
+
+
+def openai_judge(config: config_dict.ConfigDict,
+                 workdir: str | os.PathLike[str]) -> judge_client.OpenAIJudge:
+  """The endpoint judge of `config.judge`, caching under `workdir` by default."""
+  c = config.judge
+  return judge_client.OpenAIJudge(
+      model=c.model, base_url=c.base_url, api_key=c.api_key,
+      cache_path=c.cache_path or Path(workdir) / "judge_cache.jsonl",
+      concurrency=c.concurrency, max_retries=c.max_retries,
+      timeout_s=c.timeout_s, backoff_s=c.backoff_s)
+
+
+def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
+             answer_fn: AnswerFn, *, judge: judge_client.Judge | None = None,
+             checker: scoring.Checker = scoring.keyword_match,
+             tokenizer=None) -> list[tables.ResultRow]:
+  """Evaluates every test set of `config`, then writes the results table.
+
+  With config.scoring == "judge", `judge` (a local model, say) replaces the
+  endpoint judge of config.judge; with "match", `checker` scores answers.
+  """
+  if config.scoring not in ("judge", "match"):
+    raise ValueError(f"scoring must be 'judge' or 'match': {config.scoring!r}")
+  with contextlib.ExitStack() as stack:
+    if config.scoring == "match":
+      judge = None
+    elif judge is None:
+      judge = stack.enter_context(openai_judge(config, workdir))
+    rows = []
+    for name in config.test_sets:
+      test_set = test_sets.load_test_set(name, config.test_root,
+                                         config.max_error_rate)
+      rows.append(evaluate_test_set(
+          test_set, Path(workdir) / test_set.name, answer_fn, judge=judge,
+          checker=checker, batch_size=config.batch_size,
+          judge_batch_size=config.judge.batch_size, tokenizer=tokenizer))
+    if stats := getattr(judge, "stats", None):
+      logging.info("judge: %s", stats)
+  for path in tables.write_tables(rows, workdir):
+    logging.info("wrote %s", path)
+  return rows
+
+
+def evaluate_test_set(test_set: test_sets.TestSet,
+                      workdir: str | os.PathLike[str], answer_fn: AnswerFn, *,
+                      judge: judge_client.Judge | None = None,
+                      checker: scoring.Checker = scoring.keyword_match,
+                      batch_size: int = 32, judge_batch_size: int = 64,
+                      tokenizer=None) -> tables.ResultRow:
+  """Answers, then judges (or checks, without a judge) one test set."""
+  workdir = Path(workdir)
+  with records.JsonlAppender(workdir / "predictions.jsonl") as log:
+    answer_records(test_set.records, answer_fn, log, batch_size)
+    predictions = {row["id"]: row["prediction"] for row in log.records}
+  texts = [predictions[r.id] for r in test_set.records]
+  if judge is None:
+    summary = scoring.ScoreSummary(
+        accuracy=scoring.match_accuracy(test_set.records, texts, checker),
+        mean_score=None, parsed=len(texts), parse_failures=0)
+    unjudged = 0
+  else:
+    with records.JsonlAppender(workdir / "judgments.jsonl") as log:
+      judge_records(test_set.records, predictions, judge, log,
+                    judge_batch_size)
+      scores = {row["id"]: row["score"] for row in log.records}
+    summary = scoring.summarize_scores(
+        [scores[r.id] for r in test_set.records if r.id in scores])
+    unjudged = sum(r.id not in scores for r in test_set.records)
+  return tables.ResultRow(
+      test_set=test_set.name, n=len(test_set.records),
+      accuracy=summary.accuracy, score=summary.mean_score,
+      scored=summary.parsed, parse_failures=summary.parse_failures,
+      unjudged=unjudged, skipped_records=test_set.skipped,
+      words=scoring.length_stats(scoring.word_counts(texts)),
+      tokens=(scoring.length_stats(scoring.token_counts(texts, tokenizer))
+              if tokenizer is not None else None))
+
+
+def answer_records(test_records: Sequence[test_sets.QARecord],
+                   answer_fn: AnswerFn, log: records.JsonlAppender,
+                   batch_size: int) -> None:
+  """Answers the records not yet in `log`, saving batch by batch."""
+  todo = [r for r in test_records if r.id not in log.done]
+  logging.info("%s: %d of %d records to answer", log.path, len(todo),
+               len(test_records))
+  for batch in _batches(todo, batch_size):
+    answers = answer_fn(batch)
+    if len(answers) != len(batch) or not all(isinstance(a, str)
+                                             for a in answers):
+      raise ValueError(f"answer_fn must give {len(batch)} strings, one per "
+                       f"record, not {answers!r:.200}")
+    for record, answer in zip(batch, answers):
+      log.append({"id": record.id, "prediction": answer})
+    logging.info("%s: %d records answered", log.path, len(log.done))
+
+
+def judge_records(test_records: Sequence[test_sets.QARecord],
+                  predictions: dict[str, str], judge: judge_client.Judge,
+                  log: records.JsonlAppender, batch_size: int) -> None:
+  """Judges the records not yet in `log`, batch by batch.
+
+  Records the judge could not answer are left out, to be tried again on the
+  next run; replies without a score are kept, with score None.
+  """
+  todo = [r for r in test_records if r.id not in log.done]
+  logging.info("%s: %d of %d records to judge", log.path, len(todo),
+               len(test_records))
+  for batch in _batches(todo, batch_size):
+    replies = judge([judge_prompt.judge_prompt(
+        caption=r.caption, question=r.question, answer=r.answer,
+        prediction=predictions[r.id]) for r in batch])
+    for record, reply in zip(batch, replies, strict=True):
+      if reply is not None:
+        log.append({"id": record.id, "reply": reply,
+                    "score": judge_prompt.parse_score(reply)})
+    logging.info("%s: %d records judged", log.path, len(log.done))
+
+
+def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
+  for start in range(0, len(items), size):
+    yield items[start:start + size]

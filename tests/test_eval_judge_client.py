@@ -1,0 +1,207 @@
+"""The endpoint judge against a local chat-completions server.
+
+The server runs on 127.0.0.1 in a thread; a tag in each prompt picks its
+behaviour (normal and score-less replies, invalid JSON, 429 and 500 responses,
+replies slower than the client's timeout), so that results, retries, cache hits
+and parse failures can be checked exactly.
+"""
+import collections
+import http.server
+import json
+import re
+import threading
+import time
+
+import openai
+import pytest
+
+from isr_dpo_jax import evaluate
+from isr_dpo_jax.eval import judge_client
+from isr_dpo_jax.eval import judge_prompt
+from isr_dpo_jax.eval import test_sets
+
+TIMEOUT_S = 0.2
+SLOW_S = 0.6
+MAX_RETRIES = 2
+
+
+def _completion(text):
+  return {"id": "cmpl-0", "object": "chat.completion", "created": 0,
+          "model": "judge-test", "choices": [{
+              "index": 0, "finish_reason": "stop",
+              "message": {"role": "assistant", "content": text}}],
+          "usage": {"prompt_tokens": 1, "completion_tokens": 1,
+                    "total_tokens": 2}}
+
+
+class _ChatServer(http.server.ThreadingHTTPServer):
+  daemon_threads = True
+
+  def __init__(self):
+    super().__init__(("127.0.0.1", 0), _Handler)
+    self.lock = threading.Lock()
+    self.attempts = collections.Counter()  # tag -> requests received
+    self.in_flight = self.max_in_flight = 0
+    self.bodies = []
+    self.auth_headers = set()
+
+  @property
+  def url(self):
+    return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  """Replies by the [tag] in the user message: ok:N, noscore, badjson,
+  429xK and 500xK (K failures, then ok), 500 (always), slow (past the
+  timeout), busy (briefly), 401."""
+
+  def do_POST(self):
+    with self.server.lock:
+      self.server.in_flight += 1
+      self.server.max_in_flight = max(self.server.max_in_flight,
+                                      self.server.in_flight)
+    try:
+      self._reply()
+    finally:
+      with self.server.lock:
+        self.server.in_flight -= 1
+
+  def _reply(self):
+    body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+    tag = re.search(r"\[(.*?)\]", body["messages"][0]["content"]).group(1)
+    with self.server.lock:
+      self.server.attempts[tag] += 1
+      attempt = self.server.attempts[tag]
+      self.server.bodies.append(body)
+      self.server.auth_headers.add(self.headers["Authorization"])
+    kind, _, arg = tag.partition(":")
+    if kind in ("slow", "busy"):
+      time.sleep(SLOW_S if kind == "slow" else 0.05)
+    if m := re.fullmatch(r"(429|500)x(\d)", kind):
+      status = int(m[1]) if attempt <= int(m[2]) else 200
+    else:
+      status = {"500": 500, "401": 401}.get(kind, 200)
+    if status != 200:
+      self._send(status, json.dumps({"error": {"message": tag}}).encode())
+    elif kind == "badjson":
+      self._send(200, b'{"choices": [')
+    elif kind == "noscore":
+      self._send(200, json.dumps(_completion(
+          "Explanation: I cannot tell.")).encode())
+    else:
+      score = arg or "5"
+      self._send(200, json.dumps(_completion(
+          f"Explanation: matches the caption.\nScore: {score}")).encode())
+
+  def _send(self, status, data):
+    try:
+      self.send_response(status)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(data)))
+      self.end_headers()
+      self.wfile.write(data)
+    except (BrokenPipeError, ConnectionResetError):
+      pass  # the client timed out and left
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def server():
+  server = _ChatServer()
+  thread = threading.Thread(target=server.serve_forever, args=(0.05,),
+                            daemon=True)
+  thread.start()
+  yield server
+  server.shutdown()
+  server.server_close()
+
+
+def _judge(server, cache_path):
+  return judge_client.OpenAIJudge(
+      model="judge-test", base_url=server.url, api_key="sk-test",
+      cache_path=cache_path, concurrency=4, max_retries=MAX_RETRIES,
+      timeout_s=TIMEOUT_S, backoff_s=0.01)
+
+
+PROMPTS = ["a [ok:4]", "b [noscore]", "c [badjson]", "d [429x2]",
+           "e [500x1]", "f [500]", "g [slow]"]
+
+
+def test_results_retries_errors_and_cache(server, tmp_path):
+  with _judge(server, tmp_path / "cache.jsonl") as judge:
+    replies = judge(PROMPTS)
+
+  assert [None if r is None else judge_prompt.parse_score(r)
+          for r in replies] == [4.0, None, None, 5.0, 5.0, None, None]
+  assert replies[1] == "Explanation: I cannot tell."
+  # 429 twice then ok; 500 once then ok; always-500 and too-slow use up the
+  # retries; malformed bodies are not retried.
+  assert dict(server.attempts) == {
+      "ok:4": 1, "noscore": 1, "badjson": 1, "429x2": 3, "500x1": 2,
+      "500": 1 + MAX_RETRIES, "slow": 1 + MAX_RETRIES}
+  assert judge.stats == judge_client.JudgeStats(
+      requests=sum(server.attempts.values()), retries=2 + 1 + 2 * MAX_RETRIES,
+      cache_hits=0, errors=3)
+  assert {b["temperature"] for b in server.bodies} == {0.0}
+  assert {b["model"] for b in server.bodies} == {"judge-test"}
+  assert all(b["messages"] == [{"role": "user", "content": b["messages"][0][
+      "content"]}] for b in server.bodies)
+  assert server.auth_headers == {"Bearer sk-test"}
+
+  # A rerun pays for nothing twice: answered prompts come from the cache.
+  answered = [p for p, r in zip(PROMPTS, replies) if r is not None]
+  server.attempts.clear()
+  with _judge(server, tmp_path / "cache.jsonl") as rerun:
+    assert rerun(answered) == [r for r in replies if r is not None]
+    assert rerun.stats == judge_client.JudgeStats(cache_hits=4)
+    assert not server.attempts
+    # Failures were not cached: asking again reaches the server again.
+    assert rerun(["c [badjson]"]) == [None]
+    assert server.attempts == {"badjson": 1}
+
+
+def test_concurrency_is_bounded(server):
+  with _judge(server, None) as judge:
+    replies = judge([f"{i} [busy]" for i in range(12)])
+  assert all(judge_prompt.parse_score(r) == 5.0 for r in replies)
+  assert 1 < server.max_in_flight <= judge.concurrency == 4
+
+
+def test_bad_credentials_stop_the_run(server):
+  with _judge(server, None) as judge, pytest.raises(openai.AuthenticationError):
+    judge(["x [401]"])
+
+
+def test_evaluation_with_the_endpoint_from_the_environment(server, tmp_path,
+                                                          monkeypatch):
+  monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+  monkeypatch.setenv("OPENAI_API_KEY", "sk-env")
+  tags = ["ok:4", "ok:2", "noscore", "500", "ok:3"]
+  rows = [{"id": f"q{i}", "video": f"v{i}", "caption": f"[{tag}] caption",
+           "conversations": [{"from": "human", "value": "<video>\nWhat?"},
+                             {"from": "gpt", "value": "This."}]}
+          for i, tag in enumerate(tags)]
+  path = tmp_path / "mini.qa.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = evaluate.default_config()
+  config.test_sets = [str(path)]
+  config.judge.update(model="judge-test", max_retries=1, backoff_s=0.01,
+                      timeout_s=TIMEOUT_S, batch_size=2)
+
+  def answer_fn(records: list[test_sets.QARecord]):
+    return ["It is this one." for _ in records]
+
+  (row,) = evaluate.evaluate(config, tmp_path / "eval", answer_fn)
+  assert (row.n, row.scored, row.parse_failures, row.unjudged) == (5, 3, 1, 1)
+  assert row.accuracy == pytest.approx(2 / 3)
+  assert row.score == pytest.approx((4 + 2 + 3) / 3)
+  assert server.auth_headers == {"Bearer sk-env"}
+  assert (tmp_path / "eval" / "judge_cache.jsonl").exists()
+
+  # Rerun: only the unjudged sample goes to the server again.
+  server.attempts.clear()
+  (rerun,) = evaluate.evaluate(config, tmp_path / "eval", answer_fn)
+  assert server.attempts == {"500": 2}
+  assert rerun == row
