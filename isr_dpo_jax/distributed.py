@@ -39,7 +39,6 @@ import threading
 import jax
 from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
-import numpy as np
 
 ENV_COORDINATOR = "ISR_DPO_COORDINATOR"
 ENV_NUM_PROCESSES = "ISR_DPO_NUM_PROCESSES"
@@ -59,7 +58,7 @@ class Layout:
 
 def resolve_layout(coordinator=None, num_processes=None, process_id=None,
                    local_device_ids=None, environ=os.environ):
-  """The Layout from arguments, our variables and the cluster; None: 1 process."""
+  """The Layout from arguments, our variables or the cluster; None if alone."""
   coordinator = (coordinator or environ.get(ENV_COORDINATOR)
                  or environ.get("JAX_COORDINATOR_ADDRESS"))
   num_processes = _int_or_env(num_processes, environ, ENV_NUM_PROCESSES)
@@ -151,8 +150,8 @@ def process_rows(sharding, global_shape):
   rows, global_shape)`; they depend on how the mesh orders devices, so derive
   them from the sharding rather than from the process index.
   """
-  spans = sorted({index[0].indices(global_shape[0])[:2] for index in
-                  sharding.addressable_devices_indices_map(global_shape).values()})
+  indices = sharding.addressable_devices_indices_map(global_shape).values()
+  spans = sorted({index[0].indices(global_shape[0])[:2] for index in indices})
   start, stop = spans[0]
   for span_start, span_stop in spans[1:]:
     if span_start > stop:
@@ -166,8 +165,8 @@ def device_grid(ici_shape, dcn_shape=None):
   """All devices arranged for a mesh whose axis sizes are ici_shape * dcn_shape.
 
   `dcn_shape` axes cross the data-centre network between granules: the TPU
-  slices in multislice, else the processes (hosts). Put the DCN factor on the data axis (one
-  gradient all-reduce per step) and keep fsdp / tensor within a granule.
+  slices in multislice, else the processes (hosts). Put the DCN factor on the
+  data axis (one gradient all-reduce per step), keep fsdp / tensor within.
   """
   if dcn_shape is None or math.prod(dcn_shape) == 1:
     return mesh_utils.create_device_mesh(ici_shape)

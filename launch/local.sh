@@ -36,12 +36,14 @@ done
 (($#)) || usage
 
 free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])'
 }
 
 # The device count of an outer XLA_FLAGS (e.g. the test Makefile's) is replaced.
-xla_flags="$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' <<<"${XLA_FLAGS:-}")"
-xla_flags="${xla_flags} --xla_force_host_platform_device_count=${devices}"
+device_count_flag=--xla_force_host_platform_device_count
+xla_flags=$(sed -E "s/${device_count_flag}=[0-9]+//g" <<<"${XLA_FLAGS:-}")
+xla_flags="${xla_flags} ${device_count_flag}=${devices}"
 env_common=(
   "ISR_DPO_COORDINATOR=127.0.0.1:$(free_port)"
   "ISR_DPO_NUM_PROCESSES=${num_processes}"
@@ -59,9 +61,10 @@ fi
 
 log_dir=${log_dir:-$(mktemp -d "${TMPDIR:-/tmp}/isr_dpo_local.XXXXXX")}
 mkdir -p "$log_dir"
-echo "local.sh: ${num_processes} processes x ${devices} devices, logs in ${log_dir}" >&2
+echo "local.sh: ${num_processes} processes x ${devices} devices," \
+  "logs in ${log_dir}" >&2
 
-# Each process leads its own process group, so that killing it kills its children.
+# Each process leads its own process group: killing it kills its children.
 set -m
 pids=()
 kill_all() {
@@ -71,7 +74,8 @@ kill_all() {
 }
 trap 'kill_all; exit 143' INT TERM
 for ((i = 0; i < num_processes; i++)); do
-  env "${env_common[@]}" "ISR_DPO_PROCESS_ID=$i" "$@" >"$log_dir/process_$i.log" 2>&1 &
+  env "${env_common[@]}" "ISR_DPO_PROCESS_ID=$i" "$@" \
+    >"$log_dir/process_$i.log" 2>&1 &
   pids+=("$!")
 done
 

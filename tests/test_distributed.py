@@ -94,8 +94,9 @@ def test_two_processes_through_local_sh(tmp_path):
 
 
 def test_two_processes_through_slurm_detection(tmp_path):
+  [port] = _free_ports(1)
   environ = _job_environ(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost",
-                         SLURM_NTASKS="2", JAX_COORDINATOR_PORT=_free_ports(1)[0])
+                         SLURM_NTASKS="2", JAX_COORDINATOR_PORT=port)
   procs = [
       subprocess.Popen([sys.executable, __file__, "slurm", str(tmp_path)],
                        env={**environ, "SLURM_PROCID": str(i),
