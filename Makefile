@@ -6,7 +6,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: test demo bench clean
+.PHONY: test demo bench clean shellcheck
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test shellcheck
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed
@@ -31,3 +31,9 @@ bench: $(VENV)/.installed-test
 
 clean:
 	rm -rf $(VENV) .jax_cache .pytest_cache runs
+
+# The launcher tests lint the shell scripts; Debian's shellcheck, when apt is there.
+shellcheck:
+	@command -v shellcheck >/dev/null || (command -v apt-get >/dev/null && \
+	  (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1) || \
+	  echo "shellcheck unavailable: its lint test will skip"
