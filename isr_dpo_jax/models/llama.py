@@ -1,0 +1,199 @@
+"""LLaMA-family decoder: RMSNorm, rotary positions, GQA, SwiGLU, KV cache.
+
+The decoder works on embeddings (the video model merges visual embeddings into
+the token embeddings first). Attention masks are boolean and built once per call:
+
+  * mask None: causal.
+  * mask [B, Lk]: which keys are real (padding / cache validity), and causal.
+  * mask [B, Lq, Lk]: used as given (e.g. packed rows with a block structure).
+
+"Causal" is measured in cache slots: query i of a call sits at slot index + i
+(index = 0 without a cache) and sees keys at slots <= its own.
+
+KV cache contract (for generation): `init_cache(B, S)` preallocates S slots per
+row and sets the shared write index to 0. Each call with a cache writes its Lq
+keys/values at slots [index, index + Lq) of every row, attends over all S slots
+through the mask, and returns the cache with index += Lq. With prompts
+left-padded to P: prefill writes slots [0, P) with positions = cumsum(valid) - 1
+and a [B, S] validity mask; each decode step then writes one token at slot P + t,
+with its position and the validity mask extended by that slot. The cache is a
+pytree of arrays (index included), so it can be donated to a jitted step.
+"""
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from isr_dpo_jax.models import layers
+from isr_dpo_jax.models.config import LlamaConfig
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer, [B, S, K, H] each, and the next write slot."""
+  keys: tuple[jax.Array, ...]
+  values: tuple[jax.Array, ...]
+  index: jax.Array  # int32 scalar shared by all rows.
+
+  @property
+  def max_len(self) -> int:
+    return self.keys[0].shape[1]
+
+  def repeat_rows(self, n: int) -> "KVCache":
+    """Each row n times in a row (row b becomes rows b*n .. b*n+n-1)."""
+    repeat = lambda xs: tuple(jnp.repeat(x, n, axis=0) for x in xs)
+    return self.replace(keys=repeat(self.keys), values=repeat(self.values))
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+  """Inverse frequencies [head_dim / 2] as transformers computes them (float32)."""
+  dim = cfg.resolved_head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  scaling = cfg.rope_scaling
+  if scaling is None:
+    return inv_freq
+  if scaling.rope_type == "linear":
+    return inv_freq / scaling.factor
+  # llama3: long wavelengths are slowed by `factor`, short ones kept, and the band
+  # in between interpolated smoothly.
+  old_len = scaling.original_max_position_embeddings
+  wavelen = 2 * np.pi / inv_freq
+  scaled = np.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor,
+                    inv_freq)
+  smooth = ((old_len / wavelen - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor))
+  smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+  medium = (wavelen >= old_len / scaling.high_freq_factor) & (
+      wavelen <= old_len / scaling.low_freq_factor)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rotary_tables(positions_BxL: jax.Array, inv_freq: np.ndarray):
+  """cos and sin [B, L, 1, head_dim] in float32 (halves repeated, as in HF)."""
+  angles = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x_BxLxNxH: jax.Array, cos_sin) -> jax.Array:
+  cos, sin = cos_sin
+  x = x_BxLxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x * cos + rotated * sin).astype(x_BxLxNxH.dtype)
+
+
+def attention_mask(mask, q_len: int, k_len: int, index) -> jax.Array:
+  """Boolean [B or 1, Lq, Lk] mask from None, a [B, Lk] key mask or a full mask."""
+  if mask is not None and mask.ndim == 3:
+    return mask.astype(bool)
+  q_slots = index + jnp.arange(q_len)
+  causal_QxK = jnp.arange(k_len)[None, :] <= q_slots[:, None]
+  if mask is None:
+    return causal_QxK[None]
+  return causal_QxK[None] & mask.astype(bool)[:, None, :]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.head_dim = cfg.resolved_head_dim
+    d, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * self.head_dim, cfg.num_kv_heads * self.head_dim
+    kw = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.q_proj = layers.dense(d, q_dim, ("embed", "heads"), **kw)
+    self.k_proj = layers.dense(d, kv_dim, ("embed", "kv_heads"), **kw)
+    self.v_proj = layers.dense(d, kv_dim, ("embed", "kv_heads"), **kw)
+    self.o_proj = layers.dense(q_dim, d, ("heads", "embed"), **kw)
+
+  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None):
+    q = apply_rotary(layers.split_heads(self.q_proj(x_BxLxD), self.head_dim), cos_sin)
+    k = apply_rotary(layers.split_heads(self.k_proj(x_BxLxD), self.head_dim), cos_sin)
+    v = layers.split_heads(self.v_proj(x_BxLxD), self.head_dim)
+    if kv is not None:
+      start = (0, index, 0, 0)
+      kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), start)
+                 for c, new in zip(kv, (k, v)))
+      k, v = (c.astype(q.dtype) for c in kv)
+    out = layers.attention(q, k, v, mask_BxLxS)
+    return self.o_proj(layers.merge_heads(out)), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(act(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = layers.dense(d, f, ("embed", "mlp"), **kw)
+    self.up_proj = layers.dense(d, f, ("embed", "mlp"), **kw)
+    self.down_proj = layers.dense(f, d, ("mlp", "embed"), **kw)
+    self.act = layers.activation(cfg.hidden_act)
+
+  def __call__(self, x):
+    return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _rms_norm(cfg: LlamaConfig, *, dtype, param_dtype, rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(cfg.hidden_size, epsilon=cfg.rms_norm_eps, dtype=dtype,
+                     param_dtype=param_dtype, rngs=rngs, scale_metadata=layers.logical("norm"))
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = _rms_norm(cfg, **kw)
+    self.self_attn = Attention(cfg, **kw)
+    self.post_attention_layernorm = _rms_norm(cfg, **kw)
+    self.mlp = MLP(cfg, **kw)
+
+  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None):
+    h, kv = self.self_attn(self.input_layernorm(x_BxLxD), cos_sin, mask_BxLxS, kv, index)
+    x_BxLxD = x_BxLxD + h
+    return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD)), kv
+
+
+class Llama(nnx.Module):
+  """Decoder with token embeddings and output head (tied or not)."""
+
+  def __init__(self, cfg: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.config = cfg
+    self.dtype = dtype
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size,
+                                  embedding_metadata=layers.logical("vocab", "embed"), **kw)
+    self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
+    self.norm = _rms_norm(cfg, **kw)
+    self.lm_head = None if cfg.tie_word_embeddings else layers.dense(
+        cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+
+  def embed(self, input_ids_BxL: jax.Array) -> jax.Array:
+    return self.embed_tokens(input_ids_BxL)
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
+    cfg = self.config
+    shape = (batch_size, max_len, cfg.num_kv_heads, cfg.resolved_head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype or self.dtype) for _ in range(cfg.num_layers))
+    return KVCache(keys=zeros(), values=zeros(), index=jnp.zeros((), jnp.int32))
+
+  def __call__(self, x_BxLxD, positions_BxL, mask=None, cache: KVCache | None = None):
+    """Logits [B, L, V] and the updated cache (None without one); see module doc."""
+    q_len = x_BxLxD.shape[1]
+    index = 0 if cache is None else cache.index
+    mask_BxLxS = attention_mask(mask, q_len, q_len if cache is None else cache.max_len, index)
+    cos_sin = rotary_tables(positions_BxL, rope_inverse_frequencies(self.config))
+    x = x_BxLxD.astype(self.dtype)
+    new_keys, new_values = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.keys[i], cache.values[i])
+      x, kv = layer(x, cos_sin, mask_BxLxS, kv, index)
+      if kv is not None:
+        new_keys.append(kv[0])
+        new_values.append(kv[1])
+    x = self.norm(x)
+    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    if cache is not None:
+      cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), index=index + q_len)
+    return logits, cache

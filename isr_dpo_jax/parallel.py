@@ -1,0 +1,63 @@
+"""One device mesh with axes ('data', 'fsdp', 'tensor') and the logical-axis rules.
+
+Model parameters name their axes logically (see models/layers.py); the rules
+below map those names onto mesh axes. Parameters are created or loaded straight
+into their shardings: never one full host copy of the model.
+"""
+from collections.abc import Callable, Sequence
+import math
+
+import flax.core.spmd
+import jax
+from flax import nnx
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (None: replicated). FSDP shards the model dimension,
+# tensor parallelism the heads, MLP and vocabulary dimensions.
+LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: dict[str, int], devices: Sequence[jax.Device] | None = None
+              ) -> jax.sharding.Mesh:
+  """A mesh over ('data', 'fsdp', 'tensor'); missing axes are 1, one -1 is inferred.
+
+  e.g. make_mesh({"fsdp": -1, "tensor": 2}) on 8 devices -> data 1, fsdp 4, tensor 2.
+  """
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+  devices = jax.devices() if devices is None else devices
+  sizes = [shape.get(axis, 1) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+  if -1 in sizes:
+    known = math.prod(s for s in sizes if s != -1)
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not cover {len(devices)} devices")
+  return jax.make_mesh(sizes, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def state_shardings(state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
+  """NamedShardings (same tree as `state`) from each variable's logical axes."""
+  with flax.core.spmd.logical_axis_rules(rules):
+    return nnx.get_named_sharding(state, mesh)
+
+
+def create_sharded(make_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
+                   rules=LOGICAL_RULES) -> nnx.Module:
+  """Builds `make_model()` with every parameter born on its shard (jit out_shardings)."""
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  init = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)
+  return nnx.merge(graphdef, init())
