@@ -10,8 +10,9 @@ from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import tokenize
 
 PAD = 0
-seqs = st.lists(st.integers(1, 40).map(lambda n: np.arange(1, n + 1, dtype=np.int32)),
-                min_size=1, max_size=5)
+seqs = st.lists(
+    st.integers(1, 40).map(lambda n: np.arange(1, n + 1, dtype=np.int32)),
+    min_size=1, max_size=5)
 
 
 def unpad(ids, mask):
@@ -62,7 +63,8 @@ def test_collate_preferences_contract():
   assert batch.prompt_ids.dtype == np.int32 and batch.chosen_mask.dtype == bool
   np.testing.assert_array_equal(batch.is_real, [True, True, False, False])
   for field in ("prompt", "chosen", "rejected"):
-    rows = unpad(getattr(batch, f"{field}_ids"), getattr(batch, f"{field}_mask"))
+    rows = unpad(getattr(batch, f"{field}_ids"),
+                 getattr(batch, f"{field}_mask"))
     for row, example in zip(rows, examples[:2]):
       np.testing.assert_array_equal(row, getattr(example, field))
   assert batch.prompt_mask[:2, -1].all() and batch.chosen_mask[:2, 0].all()

@@ -29,7 +29,8 @@ def write_lines(path, lines):
 @pytest.mark.parametrize("kind,record", [("qa", QA), ("dpo", DPO),
                                          ("test_qa", TEST_QA)])
 def test_reads_the_three_formats_with_extra_fields(tmp_path, kind, record):
-  report = records.read_jsonl(write_lines(tmp_path / "a.jsonl", [record] * 2), kind)
+  path = write_lines(tmp_path / "a.jsonl", [record] * 2)
+  report = records.read_jsonl(path, kind)
   assert report.records == [{**record, "id": str(record["id"])}] * 2
   assert not report.errors and report.error_rate == 0
 
@@ -43,7 +44,8 @@ BAD_LINES = [
     ({**QA, "id": True}, "wrong_type"),
     ({**QA, "conversations": QA["conversations"][:1]}, "bad_conversation"),
     ({**QA, "conversations": QA["conversations"][::-1]}, "bad_conversation"),
-    ({**QA, "conversations": [{"from": "human"}, {"from": "gpt", "value": "A"}]},
+    ({**QA, "conversations": [{"from": "human"},
+                              {"from": "gpt", "value": "A"}]},
      "bad_conversation"),
     ({**QA, "video": "not_there"}, "missing_video"),
 ]
@@ -89,7 +91,8 @@ def test_report_is_reusable_by_later_stages(tmp_path):
   records.write_errors(tmp_path / "errors.jsonl", report)
   (line,) = (tmp_path / "errors.jsonl").read_text().splitlines()
   assert json.loads(line) == {"path": "judge", "line": 3,
-                              "reason": "unparsable_verdict", "detail": "no A or B"}
+                              "reason": "unparsable_verdict",
+                              "detail": "no A or B"}
 
 
 def test_write_jsonl_is_atomic(tmp_path):
@@ -147,4 +150,5 @@ def test_appender_resumes_after_kill_9_without_loss_or_duplicates(tmp_path):
     out.append({"id": str(i)})
   out.close()
   lines = path.read_text().splitlines()
-  assert [json.loads(l)["id"] for l in lines] == [str(i) for i in range(len(ids) + 5)]
+  assert [json.loads(l)["id"] for l in lines] == [
+      str(i) for i in range(len(ids) + 5)]

@@ -14,7 +14,8 @@ def text(segments):
 
 
 def test_vicuna_v1_prompt_and_target_are_the_lineage_strings():
-  segments = templates.get("vicuna_v1").render([("What is he doing?", "Surfing.")])
+  segments = templates.get("vicuna_v1").render(
+      [("What is he doing?", "Surfing.")])
   assert text(segments) == (
       SYSTEM + " USER: <video>\nWhat is he doing? ASSISTANT: Surfing.</s>")
   assert [s.text for s in segments if s.is_target] == [" Surfing.</s>"]

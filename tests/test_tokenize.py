@@ -4,8 +4,8 @@ References: Hugging Face's Video-LLaVA processor expands the placeholder in
 the text before tokenising, so our ids must equal tokenising the text with
 the placeholder repeated; the labelled tokens must spell exactly the answer
 texts of the template. Tiny tokenizers are trained offline: LLaMA-style
-(SentencePiece-like, with and without transformers' legacy behaviour) and GPT-2-style
-byte-level BPE.
+(SentencePiece-like, with and without transformers' legacy behaviour) and
+GPT-2-style byte-level BPE.
 """
 import numpy as np
 import pytest
@@ -30,21 +30,24 @@ CORPUS = [
 NUM_VIDEO = 5
 VIDEO_ID = 10_000  # Outside the vocabulary, as the original layout's -201 is.
 VICUNA = templates.get("vicuna_v1")
+SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<video>"]
 
 
 def byte_level_tokenizer():
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-      vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<video>"],
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+      vocab_size=400, special_tokens=SPECIALS,
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+      show_progress=False))
   tok.post_processor = processors.Sequence([
       processors.ByteLevel(trim_offsets=False),
       processors.TemplateProcessing(single="<s> $A",
                                     special_tokens=[("<s>", 1)])])
   return transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-      pad_token="<pad>", unk_token="<unk>", additional_special_tokens=["<video>"])
+      pad_token="<pad>", unk_token="<unk>",
+      additional_special_tokens=["<video>"])
 
 
 TOKENIZERS = {
@@ -74,20 +77,24 @@ def token_text(tokenizer, ids):
   return "".join(pieces).replace("\u2581", " ").replace("\u0120", " ")
 
 
-TURNS = [("<video>\nWhat is the man doing?", "The man is riding a red bicycle."),
-         ("How many cats are there?", "Two cats.")]
+TURNS = [
+    ("<video>\nWhat is the man doing?", "The man is riding a red bicycle."),
+    ("How many cats are there?", "Two cats."),
+]
 
 
 def test_ids_equal_hf_processor_expansion(tokenizer):
   """Expanding after tokenising == repeating the placeholder in the text."""
   text = "".join(s.text for s in VICUNA.render(TURNS))
-  expected = tokenizer(text.replace("<video>", "<video>" * NUM_VIDEO))["input_ids"]
+  expanded = text.replace("<video>", "<video>" * NUM_VIDEO)
+  expected = tokenizer(expanded)["input_ids"]
   video_id = tokenizer.convert_tokens_to_ids("<video>")
   enc = tokenize.TextEncoder(tokenizer, VICUNA, video_id, NUM_VIDEO)
   ids, labels = enc.encode(TURNS)
   np.testing.assert_array_equal(ids, expected)
   assert ids.dtype == np.int32 and ids[0] == tokenizer.bos_token_id
-  assert (ids == video_id).sum() == NUM_VIDEO and not labels[ids == video_id].any()
+  assert (ids == video_id).sum() == NUM_VIDEO
+  assert not labels[ids == video_id].any()
 
 
 def test_labels_spell_the_answers_with_their_eos(tokenizer):
@@ -147,7 +154,8 @@ def test_long_response_is_cut_at_its_end(llama):
 def test_too_long_examples_are_rejected_with_reasons(llama):
   prompt_len = len(encoder(llama).prompt("What?"))
   with pytest.raises(records.BadRecord) as e:
-    encoder(llama, max_length=prompt_len + 3, min_response_tokens=4).prompt("What?")
+    encoder(llama, max_length=prompt_len + 3,
+            min_response_tokens=4).prompt("What?")
   assert e.value.reason == "prompt_too_long"
   with pytest.raises(records.BadRecord) as e:
     # The video run alone overflows: never cut, the example is rejected.
@@ -182,7 +190,8 @@ def test_tokenizer_without_video_token_needs_add_video_token():
     encoder(tok)
   before = tok("The man is riding.")["input_ids"]
   video_id = tokenize.add_video_token(tok)
-  assert video_id == len(tok) - 1 and tok("The man is riding.")["input_ids"] == before
+  assert video_id == len(tok) - 1
+  assert tok("The man is riding.")["input_ids"] == before
   ids, _ = encoder(tok).encode(TURNS)
   assert (ids == VIDEO_ID).sum() == NUM_VIDEO
 
@@ -191,8 +200,7 @@ def test_token_across_the_answer_boundary_is_rejected():
   """A tokenizer that merges across spaces cannot split prompt from answer."""
   tok = Tokenizer(models.BPE(unk_token="<unk>"))
   tok.train_from_iterator(["ASSISTANT: Yes</s>"] * 50, trainers.BpeTrainer(
-      vocab_size=60, special_tokens=["<unk>", "<s>", "</s>", "<pad>", "<video>"],
-      show_progress=False))
+      vocab_size=60, special_tokens=SPECIALS, show_progress=False))
   fast = transformers.PreTrainedTokenizerFast(
       tokenizer_object=tok, eos_token="</s>", pad_token="<pad>",
       unk_token="<unk>", additional_special_tokens=["<video>"])

@@ -115,8 +115,8 @@ class ReadReport:
 def conversation_turns(conversations: list) -> list[tuple[str, str]]:
   """(question, answer) pairs of a ShareGPT conversation, validated."""
   if not conversations or len(conversations) % 2:
-    raise BadRecord("bad_conversation",
-                    f"{len(conversations)} messages, expected an even number > 0")
+    raise BadRecord("bad_conversation", f"{len(conversations)} messages, "
+                    "expected an even number > 0")
   for i, message in enumerate(conversations):
     if not isinstance(message, dict):
       raise BadRecord("bad_conversation", f"message {i} is not an object")
@@ -143,8 +143,10 @@ def validate(record: Any, kind: str, video_root: str | os.PathLike | None = None
                       f"{field} is a {type(record[field]).__name__}")
   if "conversations" in record:
     conversation_turns(record["conversations"])
-  if video_root is not None and not (Path(video_root) / record["video"]).exists():
-    raise BadRecord("missing_video", str(Path(video_root) / record["video"]))
+  if video_root is not None:
+    video = Path(video_root) / record["video"]
+    if not video.exists():
+      raise BadRecord("missing_video", str(video))
   return {**record, "id": str(record["id"])}
 
 
@@ -167,6 +169,25 @@ def parse_line(line: bytes) -> Any:
     raise BadRecord("bad_json", str(e)) from None
 
 
+def iter_jsonl(
+    path: str | os.PathLike,
+    kind: str,
+    report: ReadReport,
+    video_root: str | os.PathLike | None = None,
+) -> Iterator[tuple[int, Record]]:
+  """Yields (line number, record) of good lines; bad ones go to `report`."""
+  if kind not in REQUIRED_FIELDS:
+    raise ValueError(f"unknown record format {kind!r}; "
+                     f"known: {sorted(REQUIRED_FIELDS)}")
+  for number, line in iter_lines(path):
+    try:
+      record = validate(parse_line(line), kind, video_root)
+    except BadRecord as e:
+      report.skip(path, number, e)
+      continue
+    yield number, record
+
+
 def read_jsonl(
     path: str | os.PathLike,
     kind: str,
@@ -184,15 +205,9 @@ def read_jsonl(
   Returns:
     A ReadReport with the good records (dicts, in file order) and the errors.
   """
-  if kind not in REQUIRED_FIELDS:
-    raise ValueError(f"unknown record format {kind!r}; "
-                     f"known: {sorted(REQUIRED_FIELDS)}")
   report = ReadReport()
-  for number, line in iter_lines(path):
-    try:
-      report.keep(validate(parse_line(line), kind, video_root))
-    except BadRecord as e:
-      report.skip(path, number, e)
+  for _, record in iter_jsonl(path, kind, report, video_root):
+    report.keep(record)
   logging.info("%s: %s", path, report.summary())
   report.check(max_error_rate)
   return report

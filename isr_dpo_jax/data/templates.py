@@ -64,7 +64,8 @@ class Template:
         question = f"{self.video_token}\n{question}"
       elif self.video_token in question:
         raise ValueError(f"{self.video_token!r} outside the first question")
-      segments.append(Segment(f"{user}: {question}{self.sep}{assistant}:", False))
+      segments.append(
+          Segment(f"{user}: {question}{self.sep}{assistant}:", False))
       if answer is None:
         if i != len(turns) - 1:
           raise ValueError("only the last turn may have no answer")
@@ -92,7 +93,8 @@ def get(name: str) -> Template:
   try:
     return _REGISTRY[name]
   except KeyError:
-    raise KeyError(f"unknown template {name!r}; known: {sorted(_REGISTRY)}") from None
+    raise KeyError(
+        f"unknown template {name!r}; known: {sorted(_REGISTRY)}") from None
 
 
 def resolve(spec: str | Mapping) -> Template:

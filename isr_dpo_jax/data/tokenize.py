@@ -119,8 +119,10 @@ class TextEncoder:
   def preference(self, question: str, chosen: str, rejected: str,
                  with_video: bool = True) -> PreferenceTokens:
     """A DPO example; both responses are cut to the same length budget."""
-    prompt, chosen_ids, _ = self._split(self.encode([(question, chosen)], with_video))
-    _, rejected_ids, _ = self._split(self.encode([(question, rejected)], with_video))
+    prompt, chosen_ids, _ = self._split(
+        self.encode([(question, chosen)], with_video))
+    _, rejected_ids, _ = self._split(
+        self.encode([(question, rejected)], with_video))
     return PreferenceTokens(prompt, chosen_ids, rejected_ids)
 
   def sft(self, turns: Sequence[tuple[str, str]],

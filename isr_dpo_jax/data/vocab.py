@@ -36,8 +36,8 @@ def train_tokenizer(
     legacy: as transformers' LLaMA conversion with legacy=True, the original
       SentencePiece behaviour: every piece of text between special tokens
       gets a "▁" prepended, even one that starts with a space (" The" ->
-      "▁", "▁The"; "<video>\\n" -> "<video>", "▁", "\\n"). With False, only
-      the start of the text does, and not twice.
+      "▁", "▁The"; "<video>\\n" -> "<video>", "▁", "\\n"). With False,
+      only the start of the text does, and not twice.
     extra_special_tokens: added special tokens such as the video placeholder.
 
   Returns:
