@@ -134,7 +134,7 @@ def test_records_that_fail_become_dummy_rows_and_are_counted(encoder):
       ("memory", 3, "prompt_too_long")]
   assert "record r2" in first.errors[0].detail
   assert ldr.report.counts == {"prompt_too_long": 1}
-  assert len(ldr.report.records) == 4 and second.ids[0] == "r4"
+  assert ldr.report.num_good == 4 and second.ids[0] == "r4"
 
 
 def test_jsonl_source_decodes_videos_and_skips_broken_ones(encoder, tmp_path):

@@ -228,9 +228,7 @@ class _Iterator:
 
   def __next__(self) -> Batch:
     batch = next(self._batches)
-    for record_id in batch.ids:
-      if record_id is not None:
-        self._report.keep(record_id)
+    self._report.count_good(sum(i is not None for i in batch.ids))
     for error in batch.errors:
       self._report.skip(error.path, error.line,
                         records.BadRecord(error.reason, error.detail))

@@ -71,13 +71,18 @@ class RecordError:
 
 @dataclasses.dataclass
 class ReadReport:
-  """The good records of a pass over some input, and why the others failed."""
+  """The good records of a pass over some input, and why the others failed.
+
+  `num_good` counts the good records, also those only counted, not kept
+  (`count_good`), as a loader does for every row it yields.
+  """
   records: list = dataclasses.field(default_factory=list)
   errors: list[RecordError] = dataclasses.field(default_factory=list)
+  num_good: int = 0
 
   @property
   def num_seen(self) -> int:
-    return len(self.records) + len(self.errors)
+    return self.num_good + len(self.errors)
 
   @property
   def counts(self) -> collections.Counter:
@@ -90,6 +95,10 @@ class ReadReport:
 
   def keep(self, record) -> None:
     self.records.append(record)
+    self.num_good += 1
+
+  def count_good(self, number: int = 1) -> None:
+    self.num_good += number
 
   def skip(self, path: str | os.PathLike, line: int, error: BadRecord) -> None:
     """Counts a bad record and logs where it is and why it was skipped."""
@@ -108,7 +117,7 @@ class ReadReport:
         f"{dict(self.counts)}; first:\n  {first}")
 
   def summary(self) -> str:
-    return (f"{len(self.records)} good, {len(self.errors)} skipped "
+    return (f"{self.num_good} good, {len(self.errors)} skipped "
             f"{dict(self.counts)}")
 
 
