@@ -3,8 +3,8 @@
 A source is a random-access sequence of (record, frames uint8 [T, S, S, 3])
 with a `frame_shape` and a `locate(index) -> (path, line)` that names an
 item in error reports: `JsonlSource` decodes videos as they are read,
-tfds_builder.Source reads frames decoded once at build time. A Loader turns one into the batches of a
-task:
+tfds_builder.Source reads frames decoded once at build time. A Loader turns
+a source into the batches of a task:
 
   "prompt":     PromptBatch of the first question (generation, evaluation)
   "preference": PreferenceBatch of DPO records (training)
