@@ -10,8 +10,8 @@ NUM_FRAMES = 8  # transformers' video path and our default tower: 8 frames.
 IMAGE_SIZE = 28  # 2 x 2 patches of 14 px: 5 tokens per frame with the class token.
 
 
-def tiny_config(num_kv_heads: int = 2, text: dict | None = None, vision: dict | None = None
-                ) -> transformers.VideoLlavaConfig:
+def tiny_config(num_kv_heads: int = 2, text: dict | None = None, vision: dict | None = None,
+                tie_word_embeddings: bool = False) -> transformers.VideoLlavaConfig:
   text_config = dict(model_type="llama", hidden_size=32, intermediate_size=48,
                      num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=num_kv_heads, vocab_size=VOCAB, pad_token_id=0,
@@ -22,7 +22,8 @@ def tiny_config(num_kv_heads: int = 2, text: dict | None = None, vision: dict | 
                        initializer_range=0.2,
                        **(vision or {}))
   return transformers.VideoLlavaConfig(vision_config=vision_config, text_config=text_config,
-                                       image_token_index=IMAGE_ID, video_token_index=VIDEO_ID)
+                                       image_token_index=IMAGE_ID, video_token_index=VIDEO_ID,
+                                       tie_word_embeddings=tie_word_embeddings)
 
 
 def tiny_model(seed: int = 0, **config_kwargs) -> transformers.VideoLlavaForConditionalGeneration:

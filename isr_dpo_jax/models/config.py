@@ -207,8 +207,9 @@ def from_hf_dict(d: dict, *, num_frames: int = 8) -> VideoLlavaConfig:
   if act != "gelu":
     raise ValueError(f"only a gelu projector is supported, got {act!r}")
   return VideoLlavaConfig(
-      text=llama_from_dict({"tie_word_embeddings": d.get("tie_word_embeddings", False),
-                            **d["text_config"]}),
+      # transformers ties the output head by the top-level flag.
+      text=llama_from_dict({**d["text_config"],
+                            "tie_word_embeddings": d.get("tie_word_embeddings", False)}),
       vision=vision_from_dict(vision, temporal_attention=False, num_frames=num_frames),
       feature_layer=layer,
       feature_strategy="full",  # HF's video path keeps the class token.

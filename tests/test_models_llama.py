@@ -1,0 +1,76 @@
+"""The LLaMA decoder against transformers: rotary scaling, tied head, explicit masks."""
+import hf_reference as ref
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from isr_dpo_jax import models
+from isr_dpo_jax.models import config as config_lib
+from isr_dpo_jax.models.llama import rope_inverse_frequencies
+
+ROPE = {
+    "default": {},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    # Wavelengths of a 32-dim head span all three llama3 bands for a 64-token context.
+    "llama3": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64},
+}
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "llama3"])
+def test_rope_inverse_frequencies_match_transformers(rope_type):
+  hf_config = transformers.LlamaConfig(hidden_size=64, num_attention_heads=2,
+                                       rope_parameters=dict(ROPE[rope_type]))
+  expected, _ = ROPE_INIT_FUNCTIONS[rope_type](hf_config)
+  ours = rope_inverse_frequencies(config_lib.llama_from_dict(hf_config.to_dict()))
+  np.testing.assert_allclose(ours, expected.numpy(), rtol=1e-6)
+
+
+@pytest.fixture(scope="module", params=["default", "linear", "llama3", "tied"])
+def pair(request, tmp_path_factory):
+  text = {"rope_parameters": dict(ROPE[request.param])} if request.param in ROPE else {}
+  hf = ref.tiny_model(seed=3, text=text, tie_word_embeddings=request.param == "tied")
+  path = tmp_path_factory.mktemp(request.param)
+  hf.save_pretrained(path)
+  return hf, models.load_pretrained(path)
+
+
+def test_text_logits_at_far_positions_match_transformers(pair):
+  hf, model = pair
+  ids = np.random.default_rng(0).integers(3, ref.IMAGE_ID, (2, 12))
+  positions = 100 + np.arange(12)[None].repeat(2, axis=0)  # Beyond llama3's 64.
+  with torch.no_grad():
+    expected = hf(input_ids=torch.from_numpy(ids),
+                  position_ids=torch.from_numpy(positions)).logits.numpy()
+  got, _ = model.decode(model.embed(jnp.asarray(ids)), jnp.asarray(positions))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4, rtol=0)
+
+
+def test_tied_head_shares_the_embedding(pair):
+  hf, model = pair
+  assert (model.language_model.lm_head is None) == hf.config.tie_word_embeddings
+
+
+def test_packed_row_with_block_mask_equals_separate_rows(pair):
+  """[prefix | chosen | rejected] in one row, as the DPO trainer packs them."""
+  _, model = pair
+  rng = np.random.default_rng(1)
+  prefix, chosen, rejected = (rng.integers(3, ref.IMAGE_ID, n) for n in (5, 4, 3))
+  p, c, r = len(prefix), len(chosen), len(rejected)
+  packed = np.concatenate([prefix, chosen, rejected])[None]
+  positions = np.concatenate([np.arange(p + c), p + np.arange(r)])[None]
+  segment = np.array([0] * p + [1] * c + [2] * r)
+  causal = np.tril(np.ones((p + c + r,) * 2, bool))
+  visible = (segment[:, None] == segment[None]) | (segment[None] == 0)
+  logits, _ = model.decode(model.embed(jnp.asarray(packed)), jnp.asarray(positions),
+                           jnp.asarray((causal & visible)[None]))
+  for response, start in ((chosen, p), (rejected, p + c)):
+    row = np.concatenate([prefix, response])[None]
+    alone, _ = model.decode(model.embed(jnp.asarray(row)), jnp.arange(row.shape[1])[None])
+    np.testing.assert_allclose(np.asarray(logits[0, start:start + len(response)]),
+                               np.asarray(alone[0, p:]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits[0, :p]), np.asarray(alone[0, :p]), atol=1e-5)
