@@ -132,6 +132,19 @@ def test_response_logps_matches_numpy(response_batch, dtype):
   assert got[0].dtype == jnp.float32 and got[2].dtype == jnp.int32
 
 
+@pytest.mark.skipif(jax.default_backend() == "cpu",
+                    reason="XLA:CPU keeps float32 copies of bf16 buffers")
+def test_response_logps_backward_needs_no_vocab_sized_buffer():
+  """Large vocab: the bf16 logits' gradient is one fused elementwise pass."""
+  shape = (8, 64, 32000)
+  args = [jax.ShapeDtypeStruct(shape, jnp.bfloat16),
+          jax.ShapeDtypeStruct(shape[:2], jnp.int32),
+          jax.ShapeDtypeStruct(shape[:2], jnp.bool_)]
+  grad = jax.grad(lambda *a: dpo.response_logps(*a)[0].sum())
+  memory = jax.jit(grad).lower(*args).compile().memory_analysis()
+  assert memory.temp_size_in_bytes < np.prod(shape) * 4 / 8
+
+
 def test_sft_loss_matches_torch_cross_entropy(response_batch):
   logits, targets, mask = response_batch
   want = torch.nn.functional.cross_entropy(

@@ -19,6 +19,13 @@ VOCAB, WIDTH, MAX_POSITIONS = 13, 16, 64
 PAIRS, PROMPT_LEN, RESPONSE_LEN = 2, 5, 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def exact_matmuls():
+  """Full float32 matmuls: GPUs default to TF32, off by 1e-3 here."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture(scope="module")
 def params():
   keys = iter(jax.random.split(jax.random.key(0), 8))
