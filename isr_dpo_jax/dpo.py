@@ -9,9 +9,11 @@ lengths beside them (this is also how reference log-probs are stored with the
 pairs); `dpo_loss` turns them into per-token means where the loss asks for it,
 so no caller has to know which aggregation a loss type wants.
 
-A pair whose chosen response has no tokens is padding (the dummy rows that
-fill a short last batch, `data/batching.py`): it gets loss 0 and stays out of
-every mean.
+`dpo_loss` works pair by pair (losses and metrics [B]), so that a caller
+can average over any set of pairs, e.g. a microbatch's share of a larger
+batch; it stays finite on the dummy pairs that fill a short last batch
+(`data/batching.py`, all tokens masked). `dpo_objective` averages over the
+real pairs: those whose chosen response has tokens.
 """
 import typing
 from typing import Literal
@@ -60,7 +62,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
              chosen_lengths, rejected_lengths, beta=0.1,
              loss_type: LossType = "sigmoid", label_smoothing=0.0,
              length_penalty=0.0, length_normalized=False):
-  """Per-pair DPO losses [B] and their metrics (means over the real pairs).
+  """Per-pair DPO losses and metrics, [B] each.
 
   Args:
     policy_chosen_logps: [B] summed log-probs of y_w under the policy.
@@ -80,16 +82,15 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
     length_normalized: score responses by per-token mean log-probs.
 
   Returns:
-    (losses_B, metrics) with rewards/{chosen,rejected,margins,accuracies},
+    (losses_B, metrics_B): rewards/{chosen,rejected,margins,accuracies},
     logps/{chosen,rejected} (as the loss saw them) and lengths/{chosen,
-    rejected}, averaged over the real pairs.
+    rejected}, without gradient.
   """
   if loss_type not in LOSS_TYPES:
     raise ValueError(f"loss_type {loss_type!r} is not one of {LOSS_TYPES}")
   if label_smoothing and loss_type != "sigmoid":
     raise ValueError(f"label_smoothing applies to the sigmoid loss only, not "
                      f"to {loss_type!r}")
-  real_B = _real_pairs(chosen_lengths)
   chosen_lengths = jnp.asarray(chosen_lengths, jnp.float32)
   rejected_lengths = jnp.asarray(rejected_lengths, jnp.float32)
   if length_normalized or loss_type == "ipo":
@@ -114,19 +115,18 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
 
   chosen_rewards = beta * chosen_logratios
   rejected_rewards = beta * rejected_logratios
-  per_pair = {
+  metrics_B = {
       "rewards/chosen": chosen_rewards,
       "rewards/rejected": rejected_rewards,
       "rewards/margins": chosen_rewards - rejected_rewards,
-      "rewards/accuracies": chosen_rewards > rejected_rewards,
+      "rewards/accuracies": (chosen_rewards > rejected_rewards).astype(
+          jnp.float32),
       "logps/chosen": policy_chosen_logps,
       "logps/rejected": policy_rejected_logps,
       "lengths/chosen": chosen_lengths,
       "lengths/rejected": rejected_lengths,
   }
-  metrics = {name: _mean_over(jax.lax.stop_gradient(x_B), real_B)
-             for name, x_B in per_pair.items()}
-  return jnp.where(real_B, losses, 0.0), metrics
+  return losses, jax.lax.stop_gradient(metrics_B)
 
 
 def dpo_objective(logits_2BxTxV, targets_2BxT, mask_2BxT,
@@ -149,30 +149,27 @@ def dpo_objective(logits_2BxTxV, targets_2BxT, mask_2BxT,
     **dpo_kwargs: `dpo_loss` options (beta, loss_type, ...).
 
   Returns:
-    (total scalar loss, metrics): `dpo_loss`'s metrics and losses/{dpo, sft,
-    total}, each loss before its weight except the total.
+    (total scalar loss, metrics): `dpo_loss`'s metrics averaged over the real
+    pairs, and losses/{dpo, sft, total}, each before its weight but the total.
   """
   sum_2B, _, count_2B = response_logps(logits_2BxTxV, targets_2BxT, mask_2BxT)
   chosen_logps, rejected_logps = jnp.split(sum_2B, 2)
   chosen_lengths, rejected_lengths = jnp.split(count_2B, 2)
-  losses_B, metrics = dpo_loss(
+  losses_B, metrics_B = dpo_loss(
       chosen_logps, rejected_logps, reference_chosen_logps,
       reference_rejected_logps, chosen_lengths=chosen_lengths,
       rejected_lengths=rejected_lengths, **dpo_kwargs)
-  dpo_term = _mean_over(losses_B, _real_pairs(chosen_lengths))
+  real_B = chosen_lengths > 0
+  dpo_term = _mean_over(losses_B, real_B)
   sft_term = _token_mean_nll(chosen_logps, chosen_lengths)
   total = dpo_alpha * dpo_term + gamma * sft_term
-  metrics |= {"losses/dpo": dpo_term, "losses/sft": sft_term,
-              "losses/total": total}
-  return total, metrics
+  metrics = {name: _mean_over(x_B, real_B) for name, x_B in metrics_B.items()}
+  return total, metrics | {"losses/dpo": dpo_term, "losses/sft": sft_term,
+                           "losses/total": total}
 
 
 def _token_mean_nll(sum_B, count_B):
   return -sum_B.sum() / jnp.maximum(count_B.sum(), 1)
-
-
-def _real_pairs(chosen_lengths_B):
-  return jnp.asarray(chosen_lengths_B) > 0
 
 
 def _mean_over(x_B, real_B):

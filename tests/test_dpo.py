@@ -41,14 +41,14 @@ def np_dpo(pc, pr, rc, rr, lc, lr, *, beta=0.1, loss_type="sigmoid",
     losses = np.maximum(0.0, 1 - beta * logits)
   chosen, rejected = beta * (pc - rc), beta * (pr - rr)
   metrics = {
-      "rewards/chosen": chosen.mean(),
-      "rewards/rejected": rejected.mean(),
-      "rewards/margins": (chosen - rejected).mean(),
-      "rewards/accuracies": (chosen > rejected).mean(),
-      "logps/chosen": pc.mean(),
-      "logps/rejected": pr.mean(),
-      "lengths/chosen": lc.mean(),
-      "lengths/rejected": lr.mean(),
+      "rewards/chosen": chosen,
+      "rewards/rejected": rejected,
+      "rewards/margins": chosen - rejected,
+      "rewards/accuracies": chosen > rejected,
+      "logps/chosen": pc,
+      "logps/rejected": pr,
+      "lengths/chosen": lc,
+      "lengths/rejected": lr,
   }
   return losses, metrics
 
@@ -95,7 +95,18 @@ def test_dpo_loss_inputs_exercise_both_sides(pair_logps):
                                  rejected_lengths=pair_logps[5],
                                  loss_type="hinge")
   assert 0 < (losses == 0).mean() < 1
-  assert 0 < metrics["rewards/accuracies"] < 1
+  assert 0 < metrics["rewards/accuracies"].mean() < 1
+
+
+@pytest.mark.parametrize("loss_type", dpo.LOSS_TYPES)
+def test_dpo_loss_is_finite_on_dummy_pairs(loss_type):
+  """Pairs with no tokens (a short last batch's filler) give no NaN."""
+  zeros = np.zeros(3, np.float32)
+  losses, metrics = dpo.dpo_loss(zeros, zeros, zeros, zeros,
+                                 chosen_lengths=zeros, rejected_lengths=zeros,
+                                 loss_type=loss_type, length_normalized=True)
+  assert np.isfinite(losses).all()
+  assert all(np.isfinite(x).all() for x in metrics.values())
 
 
 @pytest.mark.parametrize("options, message", [
@@ -170,10 +181,14 @@ def test_dpo_objective_combines_dpo_and_sft_over_real_pairs(options):
   mask[:, -1] = False
   ref_chosen, ref_rejected = rng.normal(-20, 3, (2, pairs)).astype(np.float32)
 
-  total, metrics = jax.jit(functools.partial(dpo.dpo_objective, **options))(
-      logits.reshape(2 * pairs, length, vocab),
-      targets.reshape(2 * pairs, length), mask.reshape(2 * pairs, length),
-      ref_chosen, ref_rejected)
+  objective = functools.partial(dpo.dpo_objective, **options)
+  args = (targets.reshape(2 * pairs, length), mask.reshape(2 * pairs, length),
+          ref_chosen, ref_rejected)
+  (total, metrics), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(
+      logits.reshape(2 * pairs, length, vocab), *args)
+  grad = grad.reshape(2, pairs, length, vocab)
+  assert np.isfinite(grad).all()
+  np.testing.assert_array_equal(grad[:, -1], 0.0)
 
   dpo_alpha, gamma = options.pop("dpo_alpha", 1.0), options.pop("gamma")
   real = slice(0, pairs - 1)
@@ -184,6 +199,7 @@ def test_dpo_objective_combines_dpo_and_sft_over_real_pairs(options):
                                 lc, lr, **options)
   sft = -sc.sum() / lc.sum()
   want_total = dpo_alpha * losses.mean() + gamma * sft
+  want_metrics = {name: x.mean() for name, x in want_metrics.items()}
   want_metrics |= {"losses/dpo": losses.mean(), "losses/sft": sft,
                    "losses/total": want_total}
   np.testing.assert_allclose(total, want_total, rtol=1e-5)
