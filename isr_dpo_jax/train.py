@@ -1,0 +1,478 @@
+"""DPO and SFT training: optimizer, frozen parameter groups, the sharded update.
+
+One optimizer update is one jitted call over the ('data', 'fsdp', 'tensor')
+mesh, with explicit in/out shardings and the train state donated. The frozen
+video tower runs in its own jitted call before the update (`encode_video`),
+so its features enter the differentiated function as data: the tower is
+never differentiated and runs once per example per epoch, not once per
+response or per microbatch pass.
+
+Gradient accumulation is a `lax.scan` over microbatches inside the update
+(rather than optax.MultiSteps): one dispatch and one optimizer step per
+global batch, no accumulator in the checkpointed optimizer state, and the
+step counter and learning-rate schedule count real updates. Microbatch j takes
+rows j, j + A, j + 2A, ... so that each device's rows split evenly.
+
+Frozen groups (config regexes over parameter paths such as
+`language_model/layers/3/mlp/up_proj/kernel`) get `optax.set_to_zero` in an
+`optax.multi_transform`, hence no optimizer state, and a stop_gradient in the
+forward pass, hence no gradient computation.
+
+bf16 compute with float32 master weights is a property of the model: load it
+with `dtype=jnp.bfloat16, param_dtype=jnp.float32`; parameters, gradients and
+optimizer state stay float32 while matmuls run in bfloat16.
+
+Training batches must be full (no dummy rows): drop or refill the remainder.
+"""
+from collections.abc import Callable, Iterable, Iterator
+import dataclasses
+import functools
+import re
+import time
+from typing import Any, Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import tqdm
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from isr_dpo_jax import checkpoint
+from isr_dpo_jax import dpo
+from isr_dpo_jax import metrics as metrics_lib
+from isr_dpo_jax import packing
+from isr_dpo_jax import parallel
+from isr_dpo_jax.data import batching
+from isr_dpo_jax.data import video
+
+BATCH_AXES = ("data", "fsdp")
+VIDEO_MODULES = (r"^video_tower/", r"^multi_modal_projector/")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training stage; the defaults are the lineage's DPO recipe.
+
+  LLaVA-Hound-DPO (METHOD.md section 3): AdamW at 5e-7, linear decay after
+  10% warmup, beta 0.1, sigmoid loss, the video tower and projector frozen.
+  `max_grad_norm` 1.0 and no weight decay are HF Trainer's defaults, which
+  that recipe keeps. Weight decay, when set, skips 1-D parameters (norms and
+  biases), as HF Trainer does.
+  """
+  learning_rate: float = 5e-7
+  schedule: Literal["linear", "cosine"] = "linear"
+  warmup_ratio: float = 0.1
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  max_grad_norm: float | None = 1.0
+  grad_accum_steps: int = 1
+  frozen: tuple[str, ...] = VIDEO_MODULES
+  packed: bool = True
+  beta: float = 0.1
+  loss_type: dpo.LossType = "sigmoid"
+  label_smoothing: float = 0.0
+  length_penalty: float = 0.0
+  length_normalized: bool = False
+  dpo_alpha: float = 1.0
+  gamma: float = 0.0
+
+  def dpo_loss_options(self) -> dict[str, Any]:
+    """Keyword arguments of `dpo.dpo_loss`."""
+    names = ("beta", "loss_type", "label_smoothing", "length_penalty",
+             "length_normalized")
+    return {name: getattr(self, name) for name in names}
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything an update changes; checkpointed as one pytree."""
+  step: jax.Array  # int32 scalar: optimizer updates done.
+  params: dict  # nested dict of arrays (`nnx.State.to_pure_dict()`).
+  opt_state: optax.OptState
+  rng: jax.Array  # uint32 key data, for stochastic layers and sampling.
+
+
+# ---------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------
+
+
+def path_name(path) -> str:
+  """'language_model/layers/0/mlp/up_proj/kernel' from a pytree key path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def frozen_mask(params, patterns: Iterable[str]):
+  """True for each parameter whose path matches one of `patterns`."""
+  regexes = [re.compile(p) for p in patterns]
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: any(r.search(path_name(path)) for r in regexes), params)
+
+
+def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then linear or cosine decay to 0 at `total_steps`.
+
+  As HF's schedulers: warmup = ceil(ratio * total), the first update uses
+  the schedule at 0.
+  """
+  warmup = int(np.ceil(config.warmup_ratio * total_steps))
+  if config.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(total_steps, warmup + 1))
+  if config.schedule != "linear":
+    raise ValueError(f"schedule {config.schedule!r} is not linear or cosine")
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, config.learning_rate, warmup),
+       optax.linear_schedule(config.learning_rate, 0.0,
+                             max(total_steps - warmup, 1))], [warmup])
+
+
+def make_optimizer(config: TrainConfig, schedule: optax.Schedule,
+                   frozen) -> optax.GradientTransformation:
+  """Clipped AdamW on trainable parameters, nothing (and no state) on frozen."""
+  adamw = optax.adamw(
+      schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+      weight_decay=config.weight_decay,
+      mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
+  if config.max_grad_norm is not None:
+    adamw = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+  labels = jax.tree.map(lambda f: "frozen" if f else "trained", frozen)
+  return optax.multi_transform(
+      {"trained": adamw, "frozen": optax.set_to_zero()}, labels)
+
+
+# ---------------------------------------------------------------------------
+# Objectives on a model (pure; differentiated inside the update)
+# ---------------------------------------------------------------------------
+
+
+def _logits(model, rows: packing.Rows, feats_BxNxD):
+  """Logits of the outputs that predict response tokens: [R*B, T, V]."""
+  feats_NxMxD = jnp.tile(feats_BxNxD, (rows.ids.shape[0] // feats_BxNxD.shape[0], 1, 1))
+  x_NxLxD = model.embed(rows.ids, feats_NxMxD)
+  logits_NxLxV, _ = model.decode(x_NxLxD, rows.positions, rows.mask)
+  return packing.read_responses(logits_NxLxV, rows)
+
+
+def _response_logps(model, batch: batching.PreferenceBatch, feats_BxNxD,
+                    packed: bool):
+  """Policy log-probs (sums) and lengths: chosen [B] and rejected [B] each."""
+  rows = packing.dpo_rows(batch, packed=packed)
+  sum_2B, _, count_2B = dpo.response_logps(_logits(model, rows, feats_BxNxD),
+                                           rows.targets, rows.target_mask)
+  return jnp.split(sum_2B, 2), jnp.split(count_2B, 2)
+
+
+def pair_logps(model, batch: batching.PreferenceBatch, feats_BxNxD, *,
+               packed: bool):
+  """Summed log-probs of the chosen and of the rejected responses, [B] each."""
+  logps, _ = _response_logps(model, batch, feats_BxNxD, packed)
+  return tuple(logps)
+
+
+def model_dpo_loss(model, batch: batching.PreferenceBatch, feats_BxNxD,
+                  reference_chosen_B, reference_rejected_B,
+                  config: TrainConfig, *, num_pairs, num_chosen_tokens):
+  """(loss, metrics): this batch's share of a larger batch's DPO objective.
+
+  dpo_alpha * mean over real pairs of L_dpo + gamma * token-mean chosen NLL,
+  with the means taken over `num_pairs` real pairs and `num_chosen_tokens`
+  chosen tokens of the whole (accumulated) batch, so that microbatch shares
+  add up to the exact objective. Dummy rows (`batch.is_real` False) count
+  for nothing. The reference log-probs are data.
+  """
+  logps, lengths = _response_logps(model, batch, feats_BxNxD, config.packed)
+  losses_B, metrics_B = dpo.dpo_loss(
+      *logps, reference_chosen_B, reference_rejected_B,
+      chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+      **config.dpo_loss_options())
+  real_B = batch.is_real
+  share = lambda x_B: jnp.where(real_B, x_B, 0).sum() / num_pairs
+  dpo_term = share(losses_B)
+  sft_term = -logps[0].sum() / num_chosen_tokens
+  total = config.dpo_alpha * dpo_term + config.gamma * sft_term
+  metrics = {name: share(x_B) for name, x_B in metrics_B.items()}
+  return total, metrics | {"loss": total, "losses/dpo": dpo_term,
+                           "losses/sft": sft_term}
+
+
+def model_sft_loss(model, batch: batching.SftBatch, feats_BxNxD, *,
+                  num_tokens):
+  """This batch's share of the token-mean cross-entropy over `num_tokens`."""
+  rows = packing.plain_rows(batch.prompt_ids, batch.prompt_mask,
+                            batch.target_ids[None], batch.target_mask[None])
+  sum_B, _, _ = dpo.response_logps(_logits(model, rows, feats_BxNxD),
+                                   rows.targets, batch.loss_mask)
+  loss = -sum_B.sum() / num_tokens
+  return loss, {"loss": loss}
+
+
+# ---------------------------------------------------------------------------
+# The compiled update
+# ---------------------------------------------------------------------------
+
+
+def _microbatches(tree, num: int):
+  """[B, ...] -> [num, B / num, ...]; microbatch j holds rows j, j+num, ..."""
+  def split(x):
+    if x.shape[0] % num:
+      raise ValueError(f"batch of {x.shape[0]} rows does not split into "
+                       f"{num} microbatches")
+    return x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, tree)
+
+
+def _accumulate(grad_fn, params, inputs, num: int):
+  """Sum of grad_fn(params, micro) -> (grads, metrics) over microbatches."""
+  micro = _microbatches(inputs, num)
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(grad_fn, params, first))
+
+  def add(total, one_micro):
+    return jax.tree.map(jnp.add, total, grad_fn(params, one_micro)), None
+
+  total, _ = jax.lax.scan(add, zeros, micro)
+  return total
+
+
+class Trainer:
+  """The jitted, sharded DPO and SFT updates of one model on one mesh.
+
+  Usage, with host batches from `data.loader` (uint8 frames):
+    trainer = Trainer(model, config, mesh, total_steps=...)
+    state = trainer.init_state(model)
+    ref = trainer.reference_logps(state.params, batch, frames)  # pi_t, once
+    state, metrics = trainer.dpo_update(state, batch, frames, *ref)
+
+  `reference_logps` runs before training and its results are stored with the
+  pairs, so no reference model stays resident. For on-the-fly reference
+  log-probs, keep a frozen copy of the initial params on the mesh and pass it
+  as `dpo_update(..., reference_params=...)`. The jitted pieces
+  (`encode_video`, `pair_logps`, `dpo_step`, `sft_step`) take global arrays.
+  """
+
+  def __init__(self, model: nnx.Module, config: TrainConfig,
+               mesh: jax.sharding.Mesh, *, total_steps: int):
+    self.config = config
+    self.mesh = mesh
+    self.graphdef, params = nnx.split(model)
+    self.param_shardings = parallel.state_shardings(params, mesh).to_pure_dict()
+    self._abstract_params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.to_pure_dict())
+    self.frozen = frozen_mask(self._abstract_params, config.frozen)
+    self.schedule = learning_rate_schedule(config, total_steps)
+    self.tx = make_optimizer(config, self.schedule, self.frozen)
+    self.state_shardings = self._state_shardings(self._abstract_params)
+
+    self.batch_sharding = batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    replicated = NamedSharding(mesh, P())
+    state_sh, params_sh = self.state_shardings, self.param_shardings
+    self.encode_video = jax.jit(
+        self._encode_video, in_shardings=(params_sh, batch_sharding),
+        out_shardings=batch_sharding)
+    self.pair_logps = jax.jit(
+        self._pair_logps, in_shardings=(params_sh, batch_sharding, batch_sharding),
+        out_shardings=batch_sharding)
+    self.dpo_step = jax.jit(
+        self._dpo_step, donate_argnums=0, out_shardings=(state_sh, replicated),
+        in_shardings=(state_sh,) + (batch_sharding,) * 4)
+    self.sft_step = jax.jit(
+        self._sft_step, donate_argnums=0, out_shardings=(state_sh, replicated),
+        in_shardings=(state_sh, batch_sharding, batch_sharding))
+
+  # -- state ------------------------------------------------------------------
+
+  def _state_shardings(self, abstract_params) -> TrainState:
+    replicated = NamedSharding(self.mesh, P())
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    opt_shardings = optax.tree_map_params(
+        self.tx, lambda p, s: p if masked(p) else s,
+        jax.eval_shape(self.tx.init, abstract_params), self.param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
+    return TrainState(step=replicated, params=self.param_shardings,
+                      opt_state=opt_shardings, rng=replicated)
+
+  def _init(self, params, seed: int = 0) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.tx.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+  def init_state(self, model: nnx.Module, seed: int = 0) -> TrainState:
+    """The step-0 state of `model`'s parameters, placed on the mesh."""
+    init = jax.jit(self._init, static_argnums=1,
+                   in_shardings=(self.param_shardings,),
+                   out_shardings=self.state_shardings)
+    return init(nnx.state(model).to_pure_dict(), seed)
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state: a checkpoint restore target."""
+    shapes = jax.eval_shape(self._init, self._abstract_params)
+    return jax.tree.map(
+        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                 sharding=sharding),
+        shapes, self.state_shardings)
+
+  def model(self, params) -> nnx.Module:
+    """The NNX model with `params` (e.g. to save or sample from it)."""
+    return nnx.merge(self.graphdef, params)
+
+  # -- host-side entry points --------------------------------------------------
+
+  def dpo_update(self, state: TrainState, batch: batching.PreferenceBatch,
+                 frames, reference_chosen=None, reference_rejected=None, *,
+                 reference_params=None) -> tuple[TrainState, dict]:
+    """One DPO update on a host batch: encode the videos, then the step."""
+    batch, frames = self._global((batch, frames))
+    feats = self.encode_video(state.params, frames)
+    if reference_params is None:
+      reference = self._global((reference_chosen, reference_rejected))
+    else:
+      reference = self.pair_logps(reference_params, batch, feats)
+    return self.dpo_step(state, batch, feats, *reference)
+
+  def sft_update(self, state: TrainState, batch: batching.SftBatch, frames
+                 ) -> tuple[TrainState, dict]:
+    """One SFT update on a host batch."""
+    batch, frames = self._global((batch, frames))
+    return self.sft_step(state, batch, self.encode_video(state.params, frames))
+
+  def reference_logps(self, params, batch: batching.PreferenceBatch, frames
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-probs of this host's chosen and rejected rows under params."""
+    batch, frames = self._global((batch, frames))
+    logps = self.pair_logps(params, batch, self.encode_video(params, frames))
+    return tuple(np.asarray(x) for x in multihost_utils.global_array_to_host_local_array(
+        logps, self.mesh, P(BATCH_AXES)))
+
+  def _global(self, host_tree):
+    """Global arrays sharded over the batch axes from per-host rows."""
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(
+            self.batch_sharding, np.asarray(x)), host_tree)
+
+  # -- compiled functions -------------------------------------------------------
+
+  def _encode_video(self, params, videos_BxTxHxWx3):
+    if videos_BxTxHxWx3.dtype == jnp.uint8:  # frames from the loader
+      videos_BxTxHxWx3 = video.normalize(videos_BxTxHxWx3)
+    return self.model(params).encode_video(videos_BxTxHxWx3)
+
+  def _pair_logps(self, params, batch, feats_BxNxD):
+    return pair_logps(self.model(params), batch, feats_BxNxD,
+                      packed=self.config.packed)
+
+  def _trainable_model(self, params) -> nnx.Module:
+    frozen_or_not = jax.tree.map(
+        lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen)
+    return self.model(frozen_or_not)
+
+  def _grad_fn(self, objective):
+    """(params, micro) -> (grads, metrics) of `objective(model, *micro)`."""
+    def grad_fn(params, micro):
+      return jax.grad(
+          lambda p: objective(self._trainable_model(p), *micro),
+          has_aux=True)(params)
+    return grad_fn
+
+  def _dpo_step(self, state: TrainState, batch, feats_BxNxD,
+                reference_chosen_B, reference_rejected_B):
+    objective = functools.partial(
+        model_dpo_loss, config=self.config,
+        num_pairs=jnp.maximum(batch.is_real.sum(), 1),
+        num_chosen_tokens=jnp.maximum(batch.chosen_mask.sum(), 1))
+    inputs = (batch, feats_BxNxD, reference_chosen_B, reference_rejected_B)
+    grads, metrics = _accumulate(self._grad_fn(objective), state.params,
+                                 inputs, self.config.grad_accum_steps)
+    num_tokens = (batch.prompt_mask.sum() + batch.chosen_mask.sum()
+                  + batch.rejected_mask.sum())
+    return self._apply(state, grads, metrics, num_tokens)
+
+  def _sft_step(self, state: TrainState, batch, feats_BxNxD):
+    objective = functools.partial(
+        model_sft_loss, num_tokens=jnp.maximum(batch.loss_mask.sum(), 1))
+    grads, metrics = _accumulate(self._grad_fn(objective), state.params,
+                                 (batch, feats_BxNxD),
+                                 self.config.grad_accum_steps)
+    num_tokens = batch.prompt_mask.sum() + batch.target_mask.sum()
+    return self._apply(state, grads, metrics, num_tokens)
+
+  def _apply(self, state: TrainState, grads, metrics, num_tokens):
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    metrics |= {"grad_norm": optax.global_norm(grads),
+                "learning_rate": self.schedule(state.step),
+                "tokens": num_tokens}
+    new_state = state.replace(step=state.step + 1,
+                              params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, metrics
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+def restore_or_init(trainer: Trainer, model: nnx.Module,
+                    checkpointer: checkpoint.Checkpointer | None, batches,
+                    seed: int = 0) -> TrainState:
+  """The last checkpoint's state (and data position), else a fresh state."""
+  if checkpointer is None or checkpointer.latest_step() is None:
+    return trainer.init_state(model, seed)
+  state, data_state = checkpointer.restore(trainer.abstract_state())
+  if data_state:
+    batches.set_state(data_state)
+  return state
+
+
+def fit(update: Callable[[TrainState, Any], tuple[TrainState, dict]],
+        state: TrainState, batches: Iterator, *, num_steps: int,
+        checkpointer: checkpoint.Checkpointer | None = None,
+        writer: metrics_lib.MetricsWriter | None = None,
+        desc: str = "train") -> TrainState:
+  """Runs `update(state, next(batches))` until `state.step == num_steps`.
+
+  Metrics are fetched one step late, so the host never waits on the step it
+  just dispatched; tokens/s is measured between fetches. The checkpointer
+  saves the state with the data iterator's state (`batches.get_state()`) on
+  its interval and at the last step.
+  """
+  start = int(state.step)
+  pending = None
+  with tqdm.tqdm(total=num_steps, initial=start, desc=desc,
+                 disable=jax.process_index() != 0) as bar:
+    clock = time.perf_counter()
+    for step in range(start + 1, num_steps + 1):
+      state, step_metrics = update(state, next(batches))
+      if pending is not None:
+        clock = _log(*pending, clock, bar, writer)
+      pending = (step, step_metrics)
+      if checkpointer is not None:
+        checkpointer.save(step, state, _data_state(batches),
+                          force=step == num_steps)
+    if pending is not None:
+      _log(*pending, clock, bar, writer)
+  if checkpointer is not None:
+    checkpointer.wait()
+  return state
+
+
+def _data_state(batches) -> dict | None:
+  return batches.get_state() if hasattr(batches, "get_state") else None
+
+
+def _log(step, step_metrics, clock, bar, writer) -> float:
+  values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+  now = time.perf_counter()
+  values["tokens_per_second"] = values["tokens"] / (now - clock)
+  if writer is not None:
+    writer.write(step, values)
+  bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+  bar.update(1)
+  return now
