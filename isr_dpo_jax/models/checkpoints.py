@@ -1,15 +1,16 @@
 """Safetensors checkpoints <-> VideoLlava, streamed tensor by tensor and sharded.
 
 Layouts read:
-  * "hf": transformers `VideoLlavaForConditionalGeneration`, with transformers 5
-    key names (`model.language_model.*`, `model.video_tower.*`, `lm_head.*`) or
-    the older ones of the published Video-LLaVA-7B-hf (`language_model.model.*`,
-    `video_tower.vision_model.*`, `multi_modal_projector.*`).
+  * "hf": transformers `VideoLlavaForConditionalGeneration`: the names its
+    save_pretrained writes (`language_model.model.*`, `language_model.lm_head.*`,
+    `video_tower.*`, `multi_modal_projector.*`), those of the published
+    Video-LLaVA-7B-hf (`video_tower.vision_model.*`) or its in-memory module
+    names (`model.language_model.*`, `model.video_tower.*`, `lm_head.*`).
   * "original": Video-LLaVA / LLaVA-Hound `llava_llama` (`model.layers.*`,
     `model.mm_projector.{0,2}.*`, `model.video_tower.video_tower.*` with the
     LanguageBind temporal attention weights).
 
-Every checkpoint key is first renamed to the transformers 5 ("canonical") name;
+Every checkpoint key is first renamed to transformers' module ("canonical") name;
 each model parameter knows its canonical name and how its axes map onto the
 stored tensor. Loading builds the model abstractly (nnx.eval_shape) and fills
 each parameter with `jax.make_array_from_callback`, which reads only the slice a
@@ -70,6 +71,14 @@ _TO_CANONICAL = {
          "model.language_model."),
     ),
 }
+# Canonical key -> the names transformers 5 `save_pretrained` writes for VideoLlava.
+_CANONICAL_TO_HF = (
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.", ""),
+)
+
+
 def _rename(key: str, rules) -> str:
   for pattern, repl in rules:
     key = re.sub(pattern, repl, key)
@@ -83,8 +92,8 @@ def _axes_order(path: tuple, ndim: int) -> tuple[int, ...] | None:
   return (1, 0) if ndim == 2 else (2, 3, 1, 0)  # Linear [out, in]; Conv [out, in, kh, kw].
 
 
-def canonical_names(state) -> dict[tuple, str]:
-  """Parameter path -> canonical (transformers 5) checkpoint key."""
+def _canonical_names(state) -> dict[tuple, str]:
+  """Parameter path -> canonical key (transformers' module name)."""
   return {path: _rename(".".join(map(str, path)), _PARAM_TO_CANONICAL)
           for path, _ in nnx.to_flat_state(state)}
 
@@ -151,7 +160,7 @@ def _match_keys(names: dict[tuple, str], weight_map: dict[str, str], layout: str
   unexpected = sorted(stored[c] for c in stored if c not in wanted and not _ignored(c, cfg))
   if missing or unexpected:
     raise ValueError(f"{path} ({layout} layout) does not match the model:\n"
-                     f"  missing keys: {missing}\n  unexpected keys: {unexpected}")
+                     f"  missing keys (as transformers module names): {missing}\n  unexpected keys: {unexpected}")
   return {p: stored[key] for p, key in names.items()}
 
 
@@ -201,7 +210,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
   else:
     shardings = parallel.state_shardings(state, mesh, rules)
   weight_map = _weight_map(path)
-  stored_keys = _match_keys(canonical_names(state), weight_map, layout, cfg, path)
+  stored_keys = _match_keys(_canonical_names(state), weight_map, layout, cfg, path)
   flat_shardings = dict(nnx.to_flat_state(shardings))
   by_file: dict[str, list] = {}
   for param_path, var in nnx.to_flat_state(state):
@@ -251,28 +260,30 @@ def _stored_tensors(model: VideoLlava, layout: str) -> list[tuple[str, int, Call
   """(stored key, bytes, host tensor thunk) for everything save_pretrained writes."""
   cfg = model.config
   state = nnx.state(model, nnx.Param)
-  names = canonical_names(state)
+  names = _canonical_names(state)
   tensors, image_tower = [], []
   for path, var in nnx.to_flat_state(state):
     value = var.get_value()
     perm = _axes_order(path, value.ndim)
     inverse = None if perm is None else tuple(np.argsort(perm))
-    thunk = lambda v=value, inv=inverse: _to_host(v) if inv is None else _to_host(v).transpose(inv)
+    thunk = lambda v=value, inv=inverse: np.ascontiguousarray(
+        _to_host(v) if inv is None else _to_host(v).transpose(inv))
     key = names[path]
     if layout == "original":
-      key = _original_key(key, cfg)
-    elif key.startswith("model.video_tower."):
+      tensors.append((_original_key(key, cfg), value.nbytes, thunk))
+      continue
+    tensors.append((_rename(key, _CANONICAL_TO_HF), value.nbytes, thunk))
+    if key.startswith("model.video_tower."):
       # transformers always builds an image tower: write a copy of the video tower.
-      image_tower.append((key.replace("model.video_tower.", "model.image_tower."),
+      image_tower.append((_rename(key, _CANONICAL_TO_HF).replace("video_tower.", "image_tower.", 1),
                           value.nbytes, thunk))
-    tensors.append((key, value.nbytes, thunk))
   if layout == "hf":
     # The post-LayerNorm only pools the class token for CLIP's image head, never
     # the selected features: write its initial values so transformers loads cleanly.
     d = cfg.vision.hidden_size
     for tower in ("video", "image"):
       for name, fill in (("weight", np.ones), ("bias", np.zeros)):
-        tensors.append((f"model.{tower}_tower.post_layernorm.{name}", 4 * d,
+        tensors.append((f"{tower}_tower.post_layernorm.{name}", 4 * d,
                         lambda fill=fill: fill((d,), np.float32)))
   return tensors + image_tower
 

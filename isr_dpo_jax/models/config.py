@@ -160,13 +160,13 @@ def llama_to_dict(c: LlamaConfig) -> dict:
       "model_type": "llama", "vocab_size": c.vocab_size,
       "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
       "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
-      "num_key_value_heads": c.num_kv_heads, "head_dim": c.resolved_head_dim,
-      "rms_norm_eps": c.rms_norm_eps, "rope_parameters": rope,
+      "num_key_value_heads": c.num_kv_heads, "rms_norm_eps": c.rms_norm_eps,
+      "rope_parameters": rope,
       "max_position_embeddings": c.max_position_embeddings,
       "tie_word_embeddings": c.tie_word_embeddings,
       "attention_bias": c.attention_bias, "mlp_bias": c.mlp_bias,
       "hidden_act": c.hidden_act,
-  }
+  } | ({"head_dim": c.head_dim} if c.head_dim else {})
 
 
 def vision_from_dict(d: dict, *, temporal_attention: bool, num_frames: int) -> VisionConfig:
