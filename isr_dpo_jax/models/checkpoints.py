@@ -12,9 +12,10 @@ Layouts read:
 
 Every checkpoint key is first renamed to transformers' module ("canonical") name;
 each model parameter knows its canonical name and how its axes map onto the
-stored tensor. Loading builds the model abstractly (nnx.eval_shape) and fills
-each parameter with `jax.make_array_from_callback`, which reads only the slice a
-device holds, cast to the parameter dtype: host memory holds a slice at a time.
+stored tensor. Loading builds the model abstractly (nnx.eval_shape), then reads
+one tensor at a time and places it with `jax.make_array_from_callback`, each
+device's slice cast to the parameter dtype on its own: beyond the model itself,
+host memory holds one stored tensor and one slice at a time.
 Pickled weights (.bin, .pt, ...) are refused: unpickling can run arbitrary code.
 
 Ignored on load: the image tower (the model is video only), tower layers after
@@ -22,13 +23,13 @@ the selected feature layer and the tower's post-LayerNorm (they never affect the
 features), rotary / position-id buffers, and lm_head when embeddings are tied.
 """
 from collections.abc import Callable
-import contextlib
 import json
 import os
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (lets NumPy, hence safetensors, read bfloat16)
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
@@ -146,7 +147,7 @@ def _weight_map(path: str | os.PathLike) -> dict[str, str]:
   weight_map = {}
   for name in files:
     file_path = os.path.join(path, name)
-    with safe_open(file_path, framework="flax") as f:
+    with safe_open(file_path, framework="numpy") as f:
       weight_map.update({k: file_path for k in f.keys()})
   return weight_map
 
@@ -164,30 +165,21 @@ def _match_keys(names: dict[tuple, str], weight_map: dict[str, str], layout: str
   return {p: stored[key] for p, key in names.items()}
 
 
-def _read_sharded(handle, key: str, file_path: str, target: jax.ShapeDtypeStruct,
-                  sharding, perm) -> jax.Array:
-  """One tensor, read slice by slice into `sharding`, cast to the target dtype."""
-  tensor = handle.get_slice(key)
-  shape = tuple(tensor.get_shape())
-  ours = shape if perm is None else tuple(shape[i] for i in perm)
+def _put_sharded(tensor: np.ndarray, key: str, file_path: str, target: jax.ShapeDtypeStruct,
+                 sharding, perm) -> jax.Array:
+  """Places a stored tensor on `sharding`, each device's slice cast on its own."""
+  ours = tensor.shape if perm is None else tuple(tensor.shape[i] for i in perm)
   if ours != target.shape:
-    raise ValueError(f"{file_path}: tensor {key} has shape {shape}, "
+    raise ValueError(f"{file_path}: tensor {key} has shape {tensor.shape}, "
                      f"the model expects {target.shape} (in stored order {ours})")
   inverse = None if perm is None else np.argsort(perm)
 
   def read(index):
     stored_index = index if perm is None else tuple(index[i] for i in inverse)
-    x = np.asarray(tensor[stored_index])
-    return (x if perm is None else x.transpose(perm)).astype(target.dtype)
+    x = tensor[stored_index]
+    return (x if perm is None else x.transpose(perm)).astype(target.dtype, copy=False)
 
   return jax.make_array_from_callback(target.shape, sharding, read)
-
-
-@contextlib.contextmanager
-def _host_default_device():
-  """Makes safetensors' flax tensors land in host memory, not on an accelerator."""
-  with jax.default_device(jax.devices("cpu")[0]):
-    yield
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
@@ -216,15 +208,16 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=N
   for param_path, var in nnx.to_flat_state(state):
     by_file.setdefault(weight_map[stored_keys[param_path]], []).append((param_path, var))
   loaded = []
-  with _host_default_device():
-    for file_path, params in by_file.items():
-      with safe_open(file_path, framework="flax", backend="pread") as handle:
-        for param_path, var in params:
-          target = var.get_value()
-          array = _read_sharded(handle, stored_keys[param_path], file_path, target,
-                                flat_shardings[param_path].get_value(),
-                                _axes_order(param_path, target.ndim))
-          loaded.append((param_path, var.replace(array)))
+  for file_path, params in by_file.items():
+    # pread: a tensor is read into one host buffer, freed once placed (no mmap
+    # pages of the whole file stay resident).
+    with safe_open(file_path, framework="numpy", backend="pread") as handle:
+      for param_path, var in params:
+        key, target = stored_keys[param_path], var.get_value()
+        array = _put_sharded(handle.get_tensor(key), key, file_path, target,
+                             flat_shardings[param_path].get_value(),
+                             _axes_order(param_path, target.ndim))
+        loaded.append((param_path, var.replace(array)))
   return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
