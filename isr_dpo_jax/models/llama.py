@@ -180,20 +180,41 @@ class Llama(nnx.Module):
 
   def __call__(self, x_BxLxD, positions_BxL, mask=None, cache: KVCache | None = None):
     """Logits [B, L, V] and the updated cache (None without one); see module doc."""
+    hidden_BxLxD, cache = self.hidden_states(x_BxLxD, positions_BxL, mask, cache)
+    return self.logits(hidden_BxLxD), cache
+
+  def hidden_states(self, x_BxLxD, positions_BxL, mask=None, cache: KVCache | None = None,
+                    *, remat_policy=None):
+    """Final hidden states [B, L, D] (after the last norm) and the updated cache.
+
+    `logits` of some of them equals the full call at those positions, so a
+    caller that scores a few positions (training on responses only) runs the
+    output head on those alone. remat_policy (a `jax.checkpoint_policies`
+    policy) rematerialises each decoder layer in the backward pass.
+    """
     q_len = x_BxLxD.shape[1]
     index = 0 if cache is None else cache.index
     mask_BxLxS = attention_mask(mask, q_len, q_len if cache is None else cache.max_len, index)
     cos_sin = rotary_tables(positions_BxL, rope_inverse_frequencies(self.config))
+    call = _call_layer if remat_policy is None else nnx.remat(_call_layer, policy=remat_policy)
     x = x_BxLxD.astype(self.dtype)
     new_keys, new_values = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, kv = layer(x, cos_sin, mask_BxLxS, kv, index)
+      x, kv = call(layer, x, cos_sin, mask_BxLxS, kv, index)
       if kv is not None:
         new_keys.append(kv[0])
         new_values.append(kv[1])
-    x = self.norm(x)
-    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     if cache is not None:
       cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), index=index + q_len)
-    return logits, cache
+    return self.norm(x), cache
+
+  def logits(self, hidden_BxLxD: jax.Array) -> jax.Array:
+    """The output head (tied or not) on final hidden states."""
+    if self.lm_head is None:
+      return self.embed_tokens.attend(hidden_BxLxD)
+    return self.lm_head(hidden_BxLxD)
+
+
+def _call_layer(layer: DecoderLayer, *args):
+  return layer(*args)

@@ -81,6 +81,16 @@ class VideoLlava(nnx.Module):
     """The language model on embeddings: (logits [B, L, V], cache); see llama.py."""
     return self.language_model(x_BxLxD, positions_BxL, mask, cache)
 
+  def hidden_states(self, x_BxLxD, positions_BxL, mask=None, cache: KVCache | None = None,
+                    *, remat_policy=None):
+    """`decode` without the output head: (hidden states [B, L, D], cache)."""
+    return self.language_model.hidden_states(x_BxLxD, positions_BxL, mask, cache,
+                                             remat_policy=remat_policy)
+
+  def logits(self, hidden_BxLxD: jax.Array) -> jax.Array:
+    """The output head on final hidden states (see `hidden_states`)."""
+    return self.language_model.logits(hidden_BxLxD)
+
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> KVCache:
     return self.language_model.init_cache(batch_size, max_len, dtype)
 
