@@ -61,7 +61,10 @@ class TrainConfig:
   10% warmup, beta 0.1, sigmoid loss, the video tower and projector frozen.
   `max_grad_norm` 1.0 and no weight decay are HF Trainer's defaults, which
   that recipe keeps. Weight decay, when set, skips 1-D parameters (norms and
-  biases), as HF Trainer does.
+  biases), as HF Trainer does. `remat` names a `jax.checkpoint_policies`
+  policy applied to every decoder layer, e.g. "nothing_saveable" (keep only
+  layer inputs) or "dots_with_no_batch_dims_saveable" (keep the projections,
+  recompute attention and activations); None stores everything.
   """
   learning_rate: float = 5e-7
   schedule: Literal["linear", "cosine"] = "linear"
@@ -73,6 +76,7 @@ class TrainConfig:
   max_grad_norm: float | None = 1.0
   grad_accum_steps: int = 1
   frozen: tuple[str, ...] = VIDEO_MODULES
+  remat: str | None = None
   packed: bool = True
   beta: float = 0.1
   loss_type: dpo.LossType = "sigmoid"
@@ -152,20 +156,26 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule,
 # ---------------------------------------------------------------------------
 
 
-def _logits(model, rows: packing.Rows, feats_BxNxD):
-  """Logits of the outputs that predict response tokens: [R*B, T, V]."""
-  feats_NxMxD = jnp.tile(feats_BxNxD, (rows.ids.shape[0] // feats_BxNxD.shape[0], 1, 1))
+def _logits(model, rows: packing.Rows, feats_BxNxD, remat: str | None = None):
+  """Logits of the outputs that predict response tokens: [R*B, T, V].
+
+  The output head runs on those positions only, never on the long prompt.
+  """
+  feats_NxMxD = jnp.tile(feats_BxNxD,
+                         (rows.ids.shape[0] // feats_BxNxD.shape[0], 1, 1))
   x_NxLxD = model.embed(rows.ids, feats_NxMxD)
-  logits_NxLxV, _ = model.decode(x_NxLxD, rows.positions, rows.mask)
-  return packing.read_responses(logits_NxLxV, rows)
+  policy = None if remat is None else getattr(jax.checkpoint_policies, remat)
+  hidden_NxLxD, _ = model.hidden_states(x_NxLxD, rows.positions, rows.mask,
+                                        remat_policy=policy)
+  return model.logits(packing.read_responses(hidden_NxLxD, rows))
 
 
 def _response_logps(model, batch: batching.PreferenceBatch, feats_BxNxD,
-                    packed: bool):
+                    packed: bool, remat: str | None = None):
   """Policy log-probs (sums) and lengths: chosen [B] and rejected [B] each."""
   rows = packing.dpo_rows(batch, packed=packed)
-  sum_2B, _, count_2B = dpo.response_logps(_logits(model, rows, feats_BxNxD),
-                                           rows.targets, rows.target_mask)
+  sum_2B, _, count_2B = dpo.response_logps(
+      _logits(model, rows, feats_BxNxD, remat), rows.targets, rows.target_mask)
   return jnp.split(sum_2B, 2), jnp.split(count_2B, 2)
 
 
@@ -187,7 +197,8 @@ def model_dpo_loss(model, batch: batching.PreferenceBatch, feats_BxNxD,
   add up to the exact objective. Dummy rows (`batch.is_real` False) count
   for nothing. The reference log-probs are data.
   """
-  logps, lengths = _response_logps(model, batch, feats_BxNxD, config.packed)
+  logps, lengths = _response_logps(model, batch, feats_BxNxD, config.packed,
+                                   config.remat)
   losses_B, metrics_B = dpo.dpo_loss(
       *logps, reference_chosen_B, reference_rejected_B,
       chosen_lengths=lengths[0], rejected_lengths=lengths[1],
@@ -203,11 +214,11 @@ def model_dpo_loss(model, batch: batching.PreferenceBatch, feats_BxNxD,
 
 
 def model_sft_loss(model, batch: batching.SftBatch, feats_BxNxD, *,
-                  num_tokens):
+                   num_tokens, remat: str | None = None):
   """This batch's share of the token-mean cross-entropy over `num_tokens`."""
   rows = packing.plain_rows(batch.prompt_ids, batch.prompt_mask,
                             batch.target_ids[None], batch.target_mask[None])
-  sum_B, _, _ = dpo.response_logps(_logits(model, rows, feats_BxNxD),
+  sum_B, _, _ = dpo.response_logps(_logits(model, rows, feats_BxNxD, remat),
                                    rows.targets, batch.loss_mask)
   loss = -sum_B.sum() / num_tokens
   return loss, {"loss": loss}
@@ -396,7 +407,8 @@ class Trainer:
 
   def _sft_step(self, state: TrainState, batch, feats_BxNxD):
     objective = functools.partial(
-        model_sft_loss, num_tokens=jnp.maximum(batch.loss_mask.sum(), 1))
+        model_sft_loss, num_tokens=jnp.maximum(batch.loss_mask.sum(), 1),
+        remat=self.config.remat)
     grads, metrics = _accumulate(self._grad_fn(objective), state.params,
                                  (batch, feats_BxNxD),
                                  self.config.grad_accum_steps)

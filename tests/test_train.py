@@ -299,7 +299,8 @@ def test_dummy_rows_count_for_nothing(setup, single):
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
   for name, value in expected_metrics.items():
     np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7),
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                      atol=1e-7),
                grads, expected_grads)
 
 
@@ -313,3 +314,17 @@ def test_schedules():
       total_steps=20)
   np.testing.assert_allclose([cosine(s) for s in (0, 10, 20)],
                              [1.0, 0.5, 0.0], atol=1e-6)
+
+
+def test_remat_gives_the_same_gradients(setup, single):
+  model, trainer = single["model"], single["trainer"]
+  feats = trainer.encode_video(nnx.state(model).to_pure_dict(), setup["frames"])
+  (loss, _), grads = _loss_and_grads(model, setup["batch"], feats,
+                                     single["ref_logps"], CONFIG)
+  (remat_loss, _), remat_grads = _loss_and_grads(
+      model, setup["batch"], feats, single["ref_logps"],
+      dataclasses.replace(CONFIG, remat="nothing_saveable"))
+  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                      atol=1e-7),
+               remat_grads, grads)
