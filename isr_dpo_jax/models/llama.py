@@ -16,8 +16,9 @@ keys/values at slots [index, index + Lq) of every row, attends over all S slots
 through the mask, and returns the cache with index += Lq. With prompts
 left-padded to P: prefill writes slots [0, P) with positions = cumsum(valid) - 1
 and a [B, S] validity mask; each decode step then writes one token at slot P + t,
-with its position and the validity mask extended by that slot. The cache is a
-pytree of arrays (index included), so it can be donated to a jitted step.
+with its position and the validity mask extended by that slot. The caller keeps
+index + Lq <= S (a write past the end is clamped by XLA, not reported). The cache
+is a pytree of arrays (index included), so it can be donated to a jitted step.
 """
 import flax.struct
 import jax
