@@ -120,9 +120,10 @@ def main():
   r = json.loads(out.strip().splitlines()[-1])
   extra = r["peak"] - r["baseline"]
   over_model = extra - r["model"]
-  print(f"{r['devices']} devices, mesh {args.mesh}, stored {args.stored_dtype}: model {r['model'] / MIB:.1f} MiB, "
-        f"largest tensor {r['largest'] / MIB:.1f} MiB, baseline {r['baseline'] / MIB:.1f} MiB "
-        f"(peak before load {r['peak_before'] / MIB:.1f} MiB)")
+  print(f"{r['devices']} devices, mesh {args.mesh}, stored {args.stored_dtype}: "
+        f"model {r['model'] / MIB:.1f} MiB, largest tensor {r['largest'] / MIB:.1f} MiB, "
+        f"baseline {r['baseline'] / MIB:.1f} MiB (peak before load "
+        f"{r['peak_before'] / MIB:.1f} MiB)")
   print(f"peak extra over baseline {extra / MIB:.1f} MiB -> {over_model / MIB:.1f} MiB above "
         f"the model = {over_model / r['largest']:.2f} x the largest tensor (bound: 2x), "
         f"load {r['seconds']:.1f} s")

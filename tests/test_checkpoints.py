@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
-import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file

@@ -58,15 +58,17 @@ def checkpoint(tmp_path_factory):
                   "model.mm_projector.2.weight": rng.standard_normal((h, h), np.float32) * 0.2,
                   "model.mm_projector.2.bias": rng.standard_normal(h, np.float32) * 0.2,
                   # The image tower is not part of a video model: ignored on load.
-                  "model.image_tower.image_tower.embeddings.class_embedding": np.zeros(D, np.float32)})
+                  "model.image_tower.image_tower.embeddings.class_embedding":
+                      np.zeros(D, np.float32)})
   path = tmp_path_factory.mktemp("original")
   save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-  config = {**TEXT, "model_type": "llava_llama", "mm_video_tower": "LanguageBind/LanguageBind_Video_merge",
+  tower = {"hidden_size": D, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
+           "num_attention_heads": HEADS, "image_size": SIZE, "patch_size": PATCH,
+           "hidden_act": "gelu", "num_frames": FRAMES, "add_time_attn": True}
+  config = {**TEXT, "model_type": "llava_llama",
+            "mm_video_tower": "LanguageBind/LanguageBind_Video_merge",
             "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch",
-            "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": D,
-            "video_tower_config": {"hidden_size": D, "intermediate_size": MLP, "num_hidden_layers": LAYERS,
-                                   "num_attention_heads": HEADS, "image_size": SIZE, "patch_size": PATCH,
-                                   "hidden_act": "gelu", "num_frames": FRAMES, "add_time_attn": True}}
+            "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": D, "video_tower_config": tower}
   (path / "config.json").write_text(json.dumps(config))
   return path, tensors, llama.eval()
 
@@ -107,7 +109,8 @@ def reference_features(tensors, frames_BxTxHxWx3):
                  w[f"{layer}.mlp.fc1.bias"])
     x = x + F.linear(F.gelu(h), w[f"{layer}.mlp.fc2.weight"], w[f"{layer}.mlp.fc2.bias"])
   p = {k: torch.from_numpy(v) for k, v in tensors.items() if k.startswith("model.mm_projector")}
-  h = F.gelu(F.linear(x.flatten(1, 2), p["model.mm_projector.0.weight"], p["model.mm_projector.0.bias"]))
+  h = F.gelu(F.linear(x.flatten(1, 2), p["model.mm_projector.0.weight"],
+                      p["model.mm_projector.0.bias"]))
   return F.linear(h, p["model.mm_projector.2.weight"], p["model.mm_projector.2.bias"])
 
 

@@ -161,7 +161,8 @@ def _match_keys(names: dict[tuple, str], weight_map: dict[str, str], layout: str
   unexpected = sorted(stored[c] for c in stored if c not in wanted and not _ignored(c, cfg))
   if missing or unexpected:
     raise ValueError(f"{path} ({layout} layout) does not match the model:\n"
-                     f"  missing keys (as transformers module names): {missing}\n  unexpected keys: {unexpected}")
+                     f"  missing keys (as transformers module names): {missing}\n"
+                     f"  unexpected keys: {unexpected}")
   return {p: stored[key] for p, key in names.items()}
 
 

@@ -100,7 +100,8 @@ class Attention(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.head_dim = cfg.resolved_head_dim
-    d, q_dim, kv_dim = cfg.hidden_size, cfg.num_heads * self.head_dim, cfg.num_kv_heads * self.head_dim
+    d = cfg.hidden_size
+    q_dim, kv_dim = cfg.num_heads * self.head_dim, cfg.num_kv_heads * self.head_dim
     kw = dict(use_bias=cfg.attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.q_proj = layers.dense(d, q_dim, ("embed", "heads"), **kw)
     self.k_proj = layers.dense(d, kv_dim, ("embed", "kv_heads"), **kw)
