@@ -22,7 +22,10 @@ bf16 compute with float32 master weights is a property of the model: load it
 with `dtype=jnp.bfloat16, param_dtype=jnp.float32`; parameters, gradients and
 optimizer state stay float32 while matmuls run in bfloat16.
 
-Training batches must be full (no dummy rows): drop or refill the remainder.
+Rows that the loader fills with dummies (a record that failed to load, a
+short last batch; `is_real` False) count for nothing: losses and metrics are
+means over the real pairs (SFT: the real tokens) of the whole global batch,
+whatever the microbatching.
 """
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
@@ -65,6 +68,8 @@ class TrainConfig:
   policy applied to every decoder layer, e.g. "nothing_saveable" (keep only
   layer inputs) or "dots_with_no_batch_dims_saveable" (keep the projections,
   recompute attention and activations); None stores everything.
+  `grad_accum_steps` microbatches make one update (the batch must split
+  evenly); `packed` puts prompt, chosen and rejected in one row per pair.
   """
   learning_rate: float = 5e-7
   schedule: Literal["linear", "cosine"] = "linear"
@@ -318,9 +323,10 @@ class Trainer:
   def init_state(self, model: nnx.Module, seed: int = 0) -> TrainState:
     """The step-0 state of `model`'s parameters, placed on the mesh."""
     init = jax.jit(self._init, static_argnums=1,
-                   in_shardings=(self.param_shardings,),
                    out_shardings=self.state_shardings)
-    return init(nnx.state(model).to_pure_dict(), seed)
+    params = jax.device_put(nnx.state(model).to_pure_dict(),
+                            self.param_shardings)
+    return init(params, seed)
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state: a checkpoint restore target."""
@@ -417,7 +423,7 @@ class Trainer:
 
   def _apply(self, state: TrainState, grads, metrics, num_tokens):
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    metrics |= {"grad_norm": optax.global_norm(grads),
+    metrics |= {"grad_norm": optax.tree.norm(grads),
                 "learning_rate": self.schedule(state.step),
                 "tokens": num_tokens}
     new_state = state.replace(step=state.step + 1,
