@@ -350,8 +350,9 @@ class Trainer:
     feats = self.encode_video(state.params, frames)
     if reference_params is None:
       reference = self._global((reference_chosen, reference_rejected))
-    else:
-      reference = self.pair_logps(reference_params, batch, feats)
+    else:  # the reference sees the videos through its own tower
+      reference = self.pair_logps(reference_params, batch,
+                                  self.encode_video(reference_params, frames))
     return self.dpo_step(state, batch, feats, *reference)
 
   def sft_update(self, state: TrainState, batch: batching.SftBatch, frames

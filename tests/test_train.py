@@ -328,3 +328,16 @@ def test_remat_gives_the_same_gradients(setup, single):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
                                                       atol=1e-7),
                remat_grads, grads)
+
+
+def test_frozen_reference_model_equals_stored_reference_logps(setup, single):
+  """On-the-fly reference log-probs give the update of stored ones."""
+  trainer, model = single["trainer"], single["model"]
+  mesh = trainer.mesh
+  reference = models.load_pretrained(setup["paths"]["reference"], mesh=mesh)
+  _, metrics = trainer.dpo_update(
+      trainer.init_state(model), setup["batch"], setup["frames"],
+      reference_params=nnx.state(reference).to_pure_dict())
+  for name, expected in single["metrics"].items():
+    np.testing.assert_allclose(metrics[name], expected, rtol=1e-5, atol=1e-6,
+                               err_msg=name)

@@ -2,6 +2,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -150,3 +151,22 @@ def test_restore_onto_another_mesh_shape(setup, tmp_path):
                                  jax.tree.leaves(other.state_shardings)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert got.sharding == sharding
+
+
+def test_bfloat16_compute_keeps_float32_master_weights(setup):
+  """A bf16-compute model trains float32 parameters and moments."""
+  trainer, items = setup["trainer"], setup["items"]
+  mesh = trainer.mesh
+  make = lambda: models.VideoLlava(MODEL_CONFIG, rngs=nnx.Rngs(0),
+                                   dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  model = parallel.create_sharded(make, mesh)
+  bf16_trainer = train.Trainer(model, CONFIG, mesh, total_steps=30)
+  state, metrics = bf16_trainer.dpo_update(bf16_trainer.init_state(model),
+                                           *items[0])
+  _, expected = trainer.dpo_update(trainer.init_state(setup["model"]),
+                                   *items[0])
+  assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state))
+          if x.ndim} == {np.dtype(np.float32)}
+  np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=2e-2)
+  np.testing.assert_allclose(metrics["grad_norm"], expected["grad_norm"],
+                             rtol=5e-2)
