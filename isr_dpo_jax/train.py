@@ -102,7 +102,7 @@ class TrainConfig:
 class TrainState:
   """Everything an update changes; checkpointed as one pytree."""
   step: jax.Array  # int32 scalar: optimizer updates done.
-  params: dict  # nested dict of arrays (`nnx.State.to_pure_dict()`).
+  params: dict  # nested dict of arrays (`nnx.to_pure_dict` of the model state).
   opt_state: optax.OptState
   rng: jax.Array  # uint32 key data, for stochastic layers and sampling.
 
@@ -279,9 +279,9 @@ class Trainer:
     self.config = config
     self.mesh = mesh
     self.graphdef, params = nnx.split(model)
-    self.param_shardings = parallel.state_shardings(params, mesh).to_pure_dict()
+    self.param_shardings = nnx.to_pure_dict(parallel.state_shardings(params, mesh))
     self._abstract_params = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params.to_pure_dict())
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
     self.frozen = frozen_mask(self._abstract_params, config.frozen)
     self.schedule = learning_rate_schedule(config, total_steps)
     self.tx = make_optimizer(config, self.schedule, self.frozen)
@@ -324,7 +324,7 @@ class Trainer:
     """The step-0 state of `model`'s parameters, placed on the mesh."""
     init = jax.jit(self._init, static_argnums=1,
                    out_shardings=self.state_shardings)
-    params = jax.device_put(nnx.state(model).to_pure_dict(),
+    params = jax.device_put(nnx.to_pure_dict(nnx.state(model)),
                             self.param_shardings)
     return init(params, seed)
 

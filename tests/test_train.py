@@ -80,7 +80,7 @@ def single(setup):
   model = models.load_pretrained(setup["paths"]["policy"], mesh=mesh)
   trainer = train.Trainer(model, CONFIG, mesh, total_steps=TOTAL_STEPS)
   reference = models.load_pretrained(setup["paths"]["reference"], mesh=mesh)
-  ref_logps = trainer.reference_logps(nnx.state(reference).to_pure_dict(),
+  ref_logps = trainer.reference_logps(nnx.to_pure_dict(nnx.state(reference)),
                                       setup["batch"], setup["frames"])
   state, metrics = trainer.dpo_update(trainer.init_state(model),
                                       setup["batch"], setup["frames"],
@@ -165,7 +165,7 @@ def torch_step(setup, tmp_path_factory):
                                   setup["batch"], setup["frames"], CONFIG)
   path = tmp_path_factory.mktemp("updated")
   policy_hf.save_pretrained(path)
-  updated = nnx.state(models.load_pretrained(path)).to_pure_dict()
+  updated = nnx.to_pure_dict(nnx.state(models.load_pretrained(path)))
   return dict(ref_logps=ref_logps, metrics=metrics, updated=updated)
 
 
@@ -186,7 +186,7 @@ def test_dpo_loss_and_metrics_match_torch(single, torch_step):
 
 
 def test_update_matches_torch_adamw(single, torch_step):
-  before = nnx.state(single["model"]).to_pure_dict()
+  before = nnx.to_pure_dict(nnx.state(single["model"]))
   after = single["state"].params
   flat_expected = dict(jax.tree_util.tree_flatten_with_path(torch_step["updated"])[0])
   for path, got in jax.tree_util.tree_flatten_with_path(after)[0]:
@@ -265,7 +265,7 @@ def _loss_and_grads(model, batch, feats, reference, config):
 
 def test_packed_equals_plain_with_the_model(setup, single):
   model, trainer = single["model"], single["trainer"]
-  feats = trainer.encode_video(nnx.state(model).to_pure_dict(), setup["frames"])
+  feats = trainer.encode_video(nnx.to_pure_dict(nnx.state(model)), setup["frames"])
   results = [
       _loss_and_grads(model, setup["batch"], feats, single["ref_logps"],
                       dataclasses.replace(CONFIG, packed=packed))
@@ -284,7 +284,7 @@ def test_dummy_rows_count_for_nothing(setup, single):
   """Rows that fill a short batch change neither the loss nor the gradients."""
   model, trainer = single["model"], single["trainer"]
   batch = setup["batch"]
-  feats = np.asarray(trainer.encode_video(nnx.state(model).to_pure_dict(),
+  feats = np.asarray(trainer.encode_video(nnx.to_pure_dict(nnx.state(model)),
                                           setup["frames"]))
   real = 6
   with_dummies = jax.tree.map(lambda x: x.copy(), batch)
@@ -318,7 +318,7 @@ def test_schedules():
 
 def test_remat_gives_the_same_gradients(setup, single):
   model, trainer = single["model"], single["trainer"]
-  feats = trainer.encode_video(nnx.state(model).to_pure_dict(), setup["frames"])
+  feats = trainer.encode_video(nnx.to_pure_dict(nnx.state(model)), setup["frames"])
   (loss, _), grads = _loss_and_grads(model, setup["batch"], feats,
                                      single["ref_logps"], CONFIG)
   (remat_loss, _), remat_grads = _loss_and_grads(
@@ -337,7 +337,7 @@ def test_frozen_reference_model_equals_stored_reference_logps(setup, single):
   reference = models.load_pretrained(setup["paths"]["reference"], mesh=mesh)
   _, metrics = trainer.dpo_update(
       trainer.init_state(model), setup["batch"], setup["frames"],
-      reference_params=nnx.state(reference).to_pure_dict())
+      reference_params=nnx.to_pure_dict(nnx.state(reference)))
   for name, expected in single["metrics"].items():
     np.testing.assert_allclose(metrics[name], expected, rtol=1e-5, atol=1e-6,
                                err_msg=name)

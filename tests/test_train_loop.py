@@ -74,7 +74,7 @@ def setup():
       lambda: models.VideoLlava(MODEL_CONFIG, rngs=nnx.Rngs(0)), mesh)
   trainer = train.Trainer(model, CONFIG, mesh, total_steps=30)
   batch, frames = _rule_pairs(4 * BATCH, seed=0)
-  params = nnx.state(model).to_pure_dict()
+  params = nnx.to_pure_dict(nnx.state(model))
   items = []
   for i in range(4):
     rows = slice(i * BATCH, (i + 1) * BATCH)
@@ -101,7 +101,7 @@ def test_dpo_learns_a_preference_rule(setup, tmp_path):
   assert all(r["tokens_per_second"] > 0 for r in rows)
   # The rule carries over to pairs never trained on.
   held_out, frames = _rule_pairs(2 * BATCH, seed=1)
-  initial = nnx.state(model).to_pure_dict()
+  initial = nnx.to_pure_dict(nnx.state(model))
   policy = trainer.reference_logps(state.params, held_out, frames)
   reference = trainer.reference_logps(initial, held_out, frames)
   margins = (policy[0] - reference[0]) - (policy[1] - reference[1])
