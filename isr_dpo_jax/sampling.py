@@ -5,15 +5,26 @@ over the renormalised top-k distribution). Ties at a cut-off are all kept.
 
 Both the top-p cut-off and the draw avoid sorting the vocabulary (XLA's CPU sort
 of a [16, 32000] batch costs more than a decode step of a 50M model):
-- top-p finds the smallest kept logit by bisection over the float32 bit pattern
-  (32 masked sums, exact), instead of a sort and a cumulative sum;
+- top-p finds the smallest kept logit by bisection over the float32 values in
+  bit-pattern order (32 masked sums, exact), instead of a sort and a
+  cumulative sum;
 - the draw inverts the cumulative distribution with one uniform per row, instead
   of one Gumbel variate per vocabulary entry.
 """
 import dataclasses
+import functools
 
+import flax.struct
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+from flax import nnx
+
+from isr_dpo_jax import models
+from isr_dpo_jax.data import batching
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,34 +54,39 @@ class SamplingParams:
     return self.temperature == 0
 
 
-def _order_keys(x):
+def _order_keys(x_f32):
   """Maps float32 to uint32 so that unsigned order equals float order."""
-  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
   return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
+def _from_order_keys(keys):
+  bits = jnp.where(keys >> 31 == 1, keys & jnp.uint32(0x7FFFFFFF), ~keys)
+  return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def _top_p_cutoff(logits_BxV, top_p):
-  """The order key of the smallest logit top-p keeps, per row ([B, 1]).
+  """The smallest logit that top-p keeps, per row ([B, 1]).
 
   Kept are the most likely tokens up to and including the one whose cumulative
   probability (in descending order) first reaches top_p. That smallest kept
-  logit is the largest t with P(logit >= t) >= top_p: bisect for it.
+  logit is the largest t with P(logit >= t) >= top_p: bisect for it over the
+  float32 values in order (their bit patterns), 32 halvings.
   """
   probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
-  keys_BxV = _order_keys(logits_BxV)
-  lo_Bx1 = jnp.min(keys_BxV, axis=-1, keepdims=True)  # always feasible
-  hi_Bx1 = jnp.max(keys_BxV, axis=-1, keepdims=True)
+  lo_Bx1 = _order_keys(jnp.min(logits_BxV, axis=-1, keepdims=True))  # feasible
+  hi_Bx1 = _order_keys(jnp.max(logits_BxV, axis=-1, keepdims=True))
 
   def halve(_, bounds):
     lo, hi = bounds
     gap = hi - lo
     mid = lo + gap // 2 + gap % 2  # upper middle, no uint32 overflow
-    mass = jnp.sum(jnp.where(keys_BxV >= mid, probs_BxV, 0), -1, keepdims=True)
-    feasible = mass >= top_p
+    above = logits_BxV >= _from_order_keys(mid)
+    feasible = jnp.sum(jnp.where(above, probs_BxV, 0), -1, keepdims=True) >= top_p
     return jnp.where(feasible, mid, lo), jnp.where(feasible, hi, mid - 1)
 
   lo_Bx1, _ = jax.lax.fori_loop(0, 32, halve, (lo_Bx1, hi_Bx1))
-  return lo_Bx1
+  return _from_order_keys(lo_Bx1)
 
 
 def filter_logits(logits_BxV, *, temperature=1.0, top_k=0, top_p=1.0):
@@ -81,8 +97,7 @@ def filter_logits(logits_BxV, *, temperature=1.0, top_k=0, top_p=1.0):
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
   if top_p < 1:
     cutoff_Bx1 = _top_p_cutoff(logits_BxV, top_p)
-    logits_BxV = jnp.where(_order_keys(logits_BxV) < cutoff_Bx1, -jnp.inf,
-                           logits_BxV)
+    logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
   return logits_BxV
 
 
@@ -113,3 +128,203 @@ def token_logprobs(logits_BxV, tokens_B):
   logits_BxV = logits_BxV.astype(jnp.float32)
   picked_B = jnp.take_along_axis(logits_BxV, tokens_B[:, None], axis=-1)[:, 0]
   return picked_B - jax.nn.logsumexp(logits_BxV, axis=-1)
+
+
+# ---------------------------------------------------------------------------
+# The compiled engine: prefill once, repeat the cache rows, decode in a loop.
+# ---------------------------------------------------------------------------
+
+BATCH_AXES = ("data", "fsdp")
+
+
+@flax.struct.dataclass
+class Generation:
+  """Samples of a batch; row b * n + j is sample j of prompt b.
+
+  tokens hold the generated ids, stop id included, then padding (0) after
+  `lengths`; logprobs sum token_logprobs over those `lengths` tokens.
+  """
+  tokens: jax.Array  # int32 [N, max_new_tokens]
+  logprobs: jax.Array  # float32 [N]
+  lengths: jax.Array  # int32 [N]
+  stopped: jax.Array  # bool [N]: ended by a stop id, not by max_new_tokens
+
+
+@flax.struct.dataclass
+class _Decoding:
+  """The decode loop's carry."""
+  out: Generation
+  done: jax.Array  # bool [N]
+  last_tokens: jax.Array  # int32 [N]
+  positions: jax.Array  # int32 [N]: position of the next token to feed
+  valid: jax.Array  # bool [N, S]: cache slots holding real keys
+  cache: models.KVCache
+  step: jax.Array  # int32: tokens sampled so far
+
+
+def _shard_rows(tree, mesh):
+  """Constrains every array's leading (batch) axis to the data axes."""
+  if mesh is None:
+    return tree
+
+  def constrain(x):
+    if x.ndim == 0:
+      return x
+    spec = P(BATCH_AXES, *[P.UNCONSTRAINED] * (x.ndim - 1))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+  return jax.tree.map(constrain, tree)
+
+
+def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
+             *, num_samples, max_new_tokens):
+  """Runs the prompts once and repeats each row's cache for its n samples.
+
+  Returns the next-token logits of every sample and the decode loop's carry.
+  """
+  model = nnx.merge(graphdef, state)
+  feats_BxNxD = None if videos is None else model.encode_video(videos)
+  x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
+  batch, length = ids_BxL.shape
+  positions_BxL = batching.positions(mask_BxL)
+  valid_BxS = jnp.pad(mask_BxL.astype(bool), ((0, 0), (0, max_new_tokens)))
+  cache = _shard_rows(model.init_cache(batch, length + max_new_tokens,
+                                       cache_dtype), mesh)
+  hidden_BxLxD, cache = model.hidden_states(x_BxLxD, positions_BxL, valid_BxS,
+                                            cache)
+  # Left padding puts every row's last prompt token at the end: only there is
+  # the output head needed (XLA would not drop the other L - 1 positions).
+  logits_BxV = model.logits(hidden_BxLxD[:, -1])
+  repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
+  rows = batch * num_samples
+  carry = _Decoding(
+      out=Generation(tokens=jnp.zeros((rows, max_new_tokens), jnp.int32),
+                     logprobs=jnp.zeros((rows,), jnp.float32),
+                     lengths=jnp.zeros((rows,), jnp.int32),
+                     stopped=jnp.zeros((rows,), bool)),
+      done=jnp.zeros((rows,), bool),
+      last_tokens=jnp.zeros((rows,), jnp.int32),
+      positions=repeat(positions_BxL[:, -1] + 1),
+      valid=repeat(valid_BxS),
+      cache=cache.repeat_rows(num_samples),
+      step=jnp.zeros((), jnp.int32))
+  return _shard_rows((repeat(logits_BxV), carry), mesh)
+
+
+def _sample_keys(seed, uids_B, first_sample, num_samples):
+  """Key of sample j of prompt u: fold_in(fold_in(key(seed), u), first_sample + j)."""
+  uids_N = jnp.repeat(uids_B, num_samples)
+  index_N = first_sample + jnp.tile(jnp.arange(num_samples), uids_B.shape[0])
+  fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
+  return jax.vmap(jax.random.fold_in)(fold(jax.random.key(seed), uids_N), index_N)
+
+
+def _is_stop(tokens_N, stop_ids):
+  if not stop_ids:
+    return jnp.zeros(tokens_N.shape, bool)
+  return jnp.isin(tokens_N, jnp.asarray(stop_ids, jnp.int32))
+
+
+def _record(carry: _Decoding, logits_NxV, keys_N, params: SamplingParams):
+  """Samples one token per row and appends it to the rows still running."""
+  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_N, carry.step)
+  tokens_N = next_tokens(logits_NxV, step_keys, params)
+  running = ~carry.done
+  stopped = running & _is_stop(tokens_N, params.stop_ids)
+  out = carry.out
+  out = out.replace(
+      tokens=out.tokens.at[:, carry.step].set(jnp.where(running, tokens_N, 0)),
+      logprobs=out.logprobs + jnp.where(
+          running, token_logprobs(logits_NxV, tokens_N), 0),
+      lengths=out.lengths + running,
+      stopped=out.stopped | stopped)
+  step = carry.step + 1
+  done = carry.done | stopped | (step >= params.max_new_tokens)
+  return carry.replace(out=out, done=done, last_tokens=tokens_N, step=step)
+
+
+def _forward(model, carry: _Decoding):
+  """Feeds every row's last token; returns next-token logits and the carry."""
+  x_Nx1xD = model.embed(carry.last_tokens[:, None])
+  slot = carry.cache.index
+  valid = jax.lax.dynamic_update_slice(
+      carry.valid, jnp.ones((carry.valid.shape[0], 1), bool), (0, slot))
+  logits_Nx1xV, cache = model.decode(x_Nx1xD, carry.positions[:, None], valid,
+                                     carry.cache)
+  carry = carry.replace(valid=valid, cache=cache, positions=carry.positions + 1)
+  return logits_Nx1xV[:, 0], carry
+
+
+def _decode(graphdef, mesh, state, logits_NxV, carry: _Decoding, seed, uids_B,
+            first_sample, *, params: SamplingParams, num_samples):
+  """Samples until every row has stopped or max_new_tokens are out.
+
+  Returns the whole final carry: its cache is then the donated input buffer,
+  updated in place, rather than a copy.
+  """
+  model = nnx.merge(graphdef, state)
+  keys_N = _sample_keys(seed, uids_B, first_sample, num_samples)
+
+  def step(carry):
+    logits_NxV, carry = _forward(model, carry)
+    return _shard_rows(_record(carry, logits_NxV, keys_N, params), mesh)
+
+  carry = _record(carry, logits_NxV, keys_N, params)
+  return jax.lax.while_loop(lambda c: ~jnp.all(c.done), step, carry)
+
+
+class Sampler:
+  """Compiled generation for one model on one mesh (or one device).
+
+  The model crosses the jit boundary as (static graphdef, state argument), so
+  each (batch, bucket, SamplingParams, n) compiles one prefill and one decode
+  program, reused for every later batch of that shape; assigning a new
+  `state` of the same structure (the next iteration's policy) reuses them too.
+  Prompt rows are split over the mesh's data axes; parameters keep the
+  shardings they have.
+  """
+
+  def __init__(self, model: models.VideoLlava, mesh: jax.sharding.Mesh | None = None,
+               *, cache_dtype=None):
+    self.config = model.config
+    graphdef, self.state = nnx.split(model)
+    self.mesh = mesh
+    self._rows = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
+    self._prefill = jax.jit(
+        functools.partial(_prefill, graphdef, mesh, cache_dtype),
+        static_argnames=("num_samples", "max_new_tokens"))
+    self._decode = jax.jit(
+        functools.partial(_decode, graphdef, mesh),
+        static_argnames=("params", "num_samples"), donate_argnames=("carry",))
+
+  def _put(self, x_local):
+    """A process-local batch slice -> a global array sharded over the data axes."""
+    if x_local is None or self._rows is None:
+      return x_local
+    return jax.make_array_from_process_local_data(self._rows, x_local)
+
+  def _fetch(self, x):
+    """This process's rows of a global row-sharded array, as NumPy."""
+    if not x.is_fully_addressable:
+      x = multihost_utils.global_array_to_host_local_array(x, self.mesh, P(BATCH_AXES))
+    return np.asarray(x)
+
+  def __call__(self, ids_BxL, mask_BxL, videos_BxTxHxWx3, uids_B,
+               params: SamplingParams, *, num_samples: int = 1,
+               seed: int = 0, first_sample: int = 0) -> Generation:
+    """Samples `num_samples` continuations of each left-padded prompt.
+
+    Arguments are this process's rows (NumPy). `uids_B` identify the prompts:
+    sample j of prompt u draws with key fold_in(fold_in(key(seed), u), j),
+    j = first_sample, first_sample + 1, ..., so results do not depend on which
+    prompts share a batch, and more samples of a prompt can be drawn later.
+    Returns NumPy arrays of this process's B * num_samples rows.
+    """
+    logits, carry = self._prefill(
+        self.state, self._put(ids_BxL), self._put(mask_BxL),
+        self._put(videos_BxTxHxWx3), num_samples=num_samples,
+        max_new_tokens=params.max_new_tokens)
+    carry = self._decode(self.state, logits, carry, np.int32(seed),
+                         self._put(uids_B), np.int32(first_sample),
+                         params=params, num_samples=num_samples)
+    return jax.tree.map(self._fetch, carry.out)

@@ -12,7 +12,7 @@ def _np_softmax(x):
   return e / e.sum(-1, keepdims=True)
 
 
-def _np_filtered_probs(logits, temperature, top_k, top_p):
+def np_filtered_probs(logits, temperature, top_k, top_p):
   """Hugging Face's warper semantics written from their definitions (float64)."""
   logits = logits.astype(np.float64) / temperature
   keep = np.ones_like(logits, bool)
@@ -41,7 +41,7 @@ def test_filter_logits_keeps_what_the_definitions_keep(temperature, top_k,
   logits = _logits()
   got = sampling.filter_logits(jnp.asarray(logits), temperature=temperature,
                                top_k=top_k, top_p=top_p)
-  want = _np_filtered_probs(logits, temperature, top_k, top_p)
+  want = np_filtered_probs(logits, temperature, top_k, top_p)
   np.testing.assert_array_equal(np.isfinite(got), want > 0)
   np.testing.assert_allclose(jax.nn.softmax(got), want, rtol=1e-5, atol=1e-7)
 
@@ -50,7 +50,7 @@ def test_top_p_cutoff_handles_negative_and_huge_logits():
   logits = np.array([[-1e30, -3.0, -2.5, -2.0, 1e-30, 4.0, 4.0 + 1e-6]],
                     np.float32)
   got = sampling.filter_logits(jnp.asarray(logits), top_p=0.999)
-  want = _np_filtered_probs(logits, 1.0, 0, 0.999)
+  want = np_filtered_probs(logits, 1.0, 0, 0.999)
   np.testing.assert_array_equal(np.isfinite(got), want > 0)
 
 

@@ -1,0 +1,182 @@
+"""Generation speed: this engine vs transformers' `generate`, same checkpoint.
+
+A ~50M-parameter Video-LLaVA (LLaMA hidden 512 x 8 layers, vocab 32000; a
+4-layer CLIP tower on 8 frames of 112 px) is saved once with transformers'
+save_pretrained, then loaded by both sides: transformers
+VideoLlavaForConditionalGeneration (KV cache on) and models.load_pretrained.
+Both sample (temperature 1, top-p 0.95) 64 new tokens, exactly (eos is
+ignored: min_new_tokens for transformers, no stop ids here), for a batch of
+16 prompts of 300 tokens (136 of them video). torch uses as many threads as
+there are cores; XLA's CPU client uses all cores by default.
+
+Model FLOPs count the work the task needs (the tower up to the selected
+layer, the projector, the prompt once, the output head at the last prompt
+position and at each new token, causal attention as half of a square); each
+side's utilisation divides them by its time and by its own float32 (or
+--dtype) matmul rate, measured here on a 2048^3 product.
+
+  python benchmarks/generate.py                                  # CPU, float32
+  python benchmarks/generate.py --device cuda --dtype bfloat16   # GPU
+
+The last line printed is speedup_vs_hf_generate=<hf seconds / our seconds>.
+"""
+import argparse
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from isr_dpo_jax import models
+from isr_dpo_jax import sampling
+
+VOCAB = 32000
+VIDEO_ID = VOCAB - 1
+
+
+def hf_config() -> transformers.VideoLlavaConfig:
+  text = dict(model_type="llama", hidden_size=512, intermediate_size=1376,
+              num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+              vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+              max_position_embeddings=2048)
+  vision = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                num_attention_heads=4, image_size=112, patch_size=28)
+  return transformers.VideoLlavaConfig(
+      text_config=text, vision_config=vision, image_token_index=VOCAB - 2,
+      video_token_index=VIDEO_ID)
+
+
+def inputs(batch: int, prompt_len: int, cfg: models.VideoLlavaConfig, seed=0):
+  """Prompts [B, L] (text, the video placeholders, text) and videos."""
+  rng = np.random.default_rng(seed)
+  n_video = cfg.num_video_tokens
+  text = rng.integers(3, VOCAB - 2, (batch, prompt_len - n_video), np.int32)
+  ids = np.concatenate([text[:, :40], np.full((batch, n_video), VIDEO_ID, np.int32),
+                        text[:, 40:]], axis=1)
+  v = cfg.vision
+  videos = rng.standard_normal((batch, v.num_frames, v.image_size, v.image_size, 3),
+                               np.float32)
+  return ids, np.ones_like(ids, bool), videos
+
+
+def model_flops(cfg: models.VideoLlavaConfig, batch, prompt_len, new_tokens):
+  """Matmul FLOPs of one generate call (2 per multiply-add)."""
+  t, v = cfg.text, cfg.vision
+  d, hd = t.hidden_size, t.resolved_head_dim
+  layer = 2 * d * (t.num_heads + 2 * t.num_kv_heads) * hd + 2 * t.num_heads * hd * d
+  layer += 3 * 2 * d * t.intermediate_size
+  head = 2 * d * t.vocab_size
+  attn = lambda q, k, width: 2 * 2 * q * k * width  # scores and values
+  width = t.num_heads * hd
+  prefill = t.num_layers * (prompt_len * layer + attn(prompt_len, prompt_len / 2, width))
+  decode = sum(t.num_layers * (layer + attn(1, prompt_len + i, width))
+               for i in range(new_tokens))
+  tokens = cfg.tokens_per_frame
+  tower = v.num_frames * cfg.num_tower_layers * (
+      tokens * (8 * v.hidden_size ** 2 + 4 * v.hidden_size * v.intermediate_size)
+      + attn(tokens, tokens, v.hidden_size))
+  tower += v.num_frames * v.num_patches * 2 * 3 * v.patch_size ** 2 * v.hidden_size
+  projector = cfg.num_video_tokens * 2 * (v.hidden_size * d + d * d)
+  return batch * (tower + projector + prefill + decode + (1 + new_tokens) * head)
+
+
+def best_times(fns, repeats: int) -> list[float]:
+  """Each function's fastest of `repeats` runs, the runs interleaved, so that
+  load from other processes on a shared machine hits both sides alike."""
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for fn, runs in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      runs.append(time.perf_counter() - start)
+  return [min(runs) for runs in times]
+
+
+def matmul_rate(framework: str, device: str, dtype: str, n=2048, repeats=5) -> float:
+  """FLOP/s of an n^3 matmul in `framework` (the utilisation denominator)."""
+  if framework == "xla":
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    seconds, = best_times([lambda: f(a).block_until_ready()], repeats)
+  else:
+    a = torch.ones((n, n), dtype=getattr(torch, dtype), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    a @ a
+    sync()
+    seconds, = best_times([lambda: (a @ a, sync())], repeats)
+  return 2 * n ** 3 / seconds
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--prompt-len", type=int, default=300)
+  parser.add_argument("--new-tokens", type=int, default=64)
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  torch.set_num_threads(os.cpu_count())
+  torch_dtype = getattr(torch, args.dtype)
+
+  with tempfile.TemporaryDirectory() as ckpt:
+    torch.manual_seed(0)
+    transformers.VideoLlavaForConditionalGeneration(hf_config()).save_pretrained(ckpt)
+    hf = transformers.VideoLlavaForConditionalGeneration.from_pretrained(
+        ckpt, dtype=torch_dtype).to(args.device).eval()
+    model = models.load_pretrained(ckpt, dtype=getattr(jnp, args.dtype))
+  cfg = model.config
+  n_params = sum(p.numel() for p in hf.parameters())
+  print(f"model: {n_params / 1e6:.1f}M parameters (transformers' count, image "
+        f"tower included); {cfg.num_video_tokens} video tokens per prompt; "
+        f"backend {jax.default_backend()}, torch on {args.device} with "
+        f"{torch.get_num_threads()} threads, {args.dtype}")
+  ids, mask, videos = inputs(args.batch, args.prompt_len, cfg)
+  uids = np.arange(args.batch, dtype=np.int32)
+  params = sampling.SamplingParams(temperature=1.0, top_p=0.95,
+                                   max_new_tokens=args.new_tokens)
+  sampler = sampling.Sampler(model)
+
+  def ours():
+    out = sampler(ids, mask, videos, uids, params)
+    assert (out.lengths == args.new_tokens).all()
+
+  pixels = torch.from_numpy(videos).permute(0, 1, 4, 2, 3).to(args.device, torch_dtype)
+  hf_inputs = dict(input_ids=torch.from_numpy(ids).long().to(args.device),
+                   attention_mask=torch.from_numpy(mask).long().to(args.device),
+                   pixel_values_videos=pixels)
+
+  @torch.inference_mode()
+  def theirs():
+    out = hf.generate(**hf_inputs, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                      max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                      use_cache=True, pad_token_id=0)
+    assert out.shape[1] == args.prompt_len + args.new_tokens
+    out.cpu()
+
+  start = time.perf_counter()
+  ours()
+  print(f"ours: first call (compiles) {time.perf_counter() - start:.1f} s")
+  theirs()
+  our_s, hf_s = best_times([ours, theirs], args.repeats)
+
+  flops = model_flops(cfg, args.batch, args.prompt_len, args.new_tokens)
+  xla_rate = matmul_rate("xla", args.device, args.dtype)
+  torch_rate = matmul_rate("torch", args.device, args.dtype)
+  tokens = args.batch * args.new_tokens
+  print(f"model FLOPs per call: {flops / 1e9:.1f} GFLOP; matmul {args.dtype} "
+        f"2048^3: XLA {xla_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} GFLOP/s")
+  for name, seconds, rate in (("isr_dpo_jax", our_s, xla_rate),
+                              ("hf generate", hf_s, torch_rate)):
+    print(f"{name:12s} {seconds:7.3f} s  {tokens / seconds:8.1f} tokens/s  "
+          f"MFU {flops / seconds / rate:6.1%}")
+  print(f"speedup_vs_hf_generate={hf_s / our_s:.2f}")
+
+
+if __name__ == "__main__":
+  main()
