@@ -1,0 +1,86 @@
+"""The streaming driver: real videos in, samples out in input order."""
+from pathlib import Path
+
+import hf_reference as ref
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+
+from isr_dpo_jax import generate
+from isr_dpo_jax import models
+from isr_dpo_jax import sampling
+from isr_dpo_jax.data import batching
+from isr_dpo_jax.data import video
+
+VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
+PARAMS = sampling.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8,
+                                 stop_ids=(2, 10, 11, 12, 13))
+
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf")
+  ref.tiny_model(seed=5).save_pretrained(path)
+  return sampling.Sampler(models.load_pretrained(path))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  """A word-level tokenizer over the tiny model's 96 ids."""
+  words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(4, ref.IMAGE_ID)]
+  vocab = {w: i for i, w in enumerate(words + ["<image>", "<video>"])}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+      unk_token="<unk>", additional_special_tokens=["<image>", "<video>"])
+
+
+@pytest.fixture(scope="module")
+def prompts(sampler):
+  """Five prompts over the two real clips, text lengths 3 to 11."""
+  clips = [video.preprocess(video.read_video(p, ref.NUM_FRAMES), ref.IMAGE_SIZE)
+           for p in sorted(VIDEOS.glob("*.mp4"))]
+  rng = np.random.default_rng(0)
+  placeholders = [ref.VIDEO_ID] * sampler.config.num_video_tokens
+  return [generate.Prompt([1] + placeholders + rng.integers(4, 90, n).tolist(),
+                          clips[i % len(clips)])
+          for i, n in enumerate([3, 11, 6, 9, 4])]
+
+
+def test_results_come_in_input_order_and_equal_direct_calls(
+    sampler, tokenizer, prompts):
+  results = list(generate.generate(sampler, iter(prompts), PARAMS,
+                                   tokenizer=tokenizer, batch_size=2,
+                                   num_samples=2, seed=3, progress=False))
+  assert [len(r) for r in results] == [2] * len(prompts)
+  for position, (prompt, samples) in enumerate(zip(prompts, results)):
+    # The same prompt as the only real row of a batch: its samples are fixed
+    # by its uid (its position), whatever shares its batch.
+    rows = batching.collate_prompts([np.asarray(prompt.token_ids)], 2, 0,
+                                    prompt_offset=sampler.config.num_video_tokens)
+    videos = np.stack([prompt.video, np.zeros_like(prompt.video)])
+    direct = sampler(rows.prompt_ids, rows.prompt_mask, videos,
+                     np.array([position, 0], np.int32), PARAMS, num_samples=2,
+                     seed=3)
+    for j, sample in enumerate(samples):
+      np.testing.assert_array_equal(
+          sample.token_ids, direct.tokens[j, :direct.lengths[j]])
+      assert sample.logprob == pytest.approx(float(direct.logprobs[j]), rel=1e-5)
+  finished = [s for r in results for s in r]
+  assert {s.finish_reason for s in finished} == {"eos", "length"}
+  for s in finished:
+    stopped = s.token_ids[-1] in PARAMS.stop_ids
+    assert s.finish_reason == ("eos" if stopped else "length")
+    assert stopped or s.length == PARAMS.max_new_tokens
+    text_ids = s.token_ids[:-1] if stopped else s.token_ids
+    assert s.text == " ".join(f"w{t}" for t in text_ids if 4 <= t < ref.IMAGE_ID)
+
+
+def test_a_batch_mixing_prompts_with_and_without_video_is_refused(
+    sampler, tokenizer, prompts):
+  mixed = [prompts[0], generate.Prompt(prompts[1].token_ids, None), prompts[2]]
+  with pytest.raises(ValueError, match=r"prompts \[1\] have no video"):
+    list(generate.generate(sampler, mixed, PARAMS, tokenizer=tokenizer,
+                           batch_size=4, progress=False))
