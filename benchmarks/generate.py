@@ -63,8 +63,11 @@ def inputs(batch: int, prompt_len: int, cfg: models.VideoLlavaConfig, seed=0):
   return ids, np.ones_like(ids, bool), videos
 
 
-def model_flops(cfg: models.VideoLlavaConfig, batch, prompt_len, new_tokens):
-  """Matmul FLOPs of one generate call (2 per multiply-add)."""
+def model_flops(cfg: models.VideoLlavaConfig, prompts, samples, prompt_len,
+                new_tokens):
+  """Matmul FLOPs one generate call needs (2 per multiply-add): each prompt is
+  read once, with the output head at its last position (the first new token),
+  then each sample feeds its first new_tokens - 1 tokens back, one by one."""
   t, v = cfg.text, cfg.vision
   d, hd = t.hidden_size, t.resolved_head_dim
   layer = 2 * d * (t.num_heads + 2 * t.num_kv_heads) * hd + 2 * t.num_heads * hd * d
@@ -73,15 +76,15 @@ def model_flops(cfg: models.VideoLlavaConfig, batch, prompt_len, new_tokens):
   attn = lambda q, k, width: 2 * 2 * q * k * width  # scores and values
   width = t.num_heads * hd
   prefill = t.num_layers * (prompt_len * layer + attn(prompt_len, prompt_len / 2, width))
-  decode = sum(t.num_layers * (layer + attn(1, prompt_len + i, width))
-               for i in range(new_tokens))
+  decode = sum(t.num_layers * (layer + attn(1, prompt_len + 1 + i, width)) + head
+               for i in range(new_tokens - 1))
   tokens = cfg.tokens_per_frame
   tower = v.num_frames * cfg.num_tower_layers * (
       tokens * (8 * v.hidden_size ** 2 + 4 * v.hidden_size * v.intermediate_size)
       + attn(tokens, tokens, v.hidden_size))
   tower += v.num_frames * v.num_patches * 2 * 3 * v.patch_size ** 2 * v.hidden_size
   projector = cfg.num_video_tokens * 2 * (v.hidden_size * d + d * d)
-  return batch * (tower + projector + prefill + decode + (1 + new_tokens) * head)
+  return prompts * (tower + projector + prefill + head + samples * decode)
 
 
 def best_times(fns, repeats: int) -> list[float]:
@@ -116,7 +119,10 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--batch", type=int, default=16, help="sequences generated")
+  parser.add_argument("--samples-per-prompt", type=int, default=1,
+                      help="n > 1: batch / n prompts, n samples each (one prefill "
+                      "per prompt here, num_return_sequences=n for transformers)")
   parser.add_argument("--prompt-len", type=int, default=300)
   parser.add_argument("--new-tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=5)
@@ -136,14 +142,16 @@ def main():
         f"tower included); {cfg.num_video_tokens} video tokens per prompt; "
         f"backend {jax.default_backend()}, torch on {args.device} with "
         f"{torch.get_num_threads()} threads, {args.dtype}")
-  ids, mask, videos = inputs(args.batch, args.prompt_len, cfg)
-  uids = np.arange(args.batch, dtype=np.int32)
+  n = args.samples_per_prompt
+  prompts = args.batch // n
+  ids, mask, videos = inputs(prompts, args.prompt_len, cfg)
+  uids = np.arange(prompts, dtype=np.int32)
   params = sampling.SamplingParams(temperature=1.0, top_p=0.95,
                                    max_new_tokens=args.new_tokens)
   sampler = sampling.Sampler(model)
 
   def ours():
-    out = sampler(ids, mask, videos, uids, params)
+    out = sampler(ids, mask, videos, uids, params, num_samples=n)
     assert (out.lengths == args.new_tokens).all()
 
   pixels = torch.from_numpy(videos).permute(0, 1, 4, 2, 3).to(args.device, torch_dtype)
@@ -155,8 +163,8 @@ def main():
   def theirs():
     out = hf.generate(**hf_inputs, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
                       max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                      use_cache=True, pad_token_id=0)
-    assert out.shape[1] == args.prompt_len + args.new_tokens
+                      num_return_sequences=n, use_cache=True, pad_token_id=0)
+    assert out.shape == (args.batch, args.prompt_len + args.new_tokens)
     out.cpu()
 
   start = time.perf_counter()
@@ -165,7 +173,7 @@ def main():
   theirs()
   our_s, hf_s = best_times([ours, theirs], args.repeats)
 
-  flops = model_flops(cfg, args.batch, args.prompt_len, args.new_tokens)
+  flops = model_flops(cfg, prompts, n, args.prompt_len, args.new_tokens)
   xla_rate = matmul_rate("xla", args.device, args.dtype)
   torch_rate = matmul_rate("torch", args.device, args.dtype)
   tokens = args.batch * args.new_tokens

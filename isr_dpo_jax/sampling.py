@@ -1,15 +1,24 @@
-"""Next-token sampling: greedy, temperature, top-k and top-p as pure functions.
+"""Sampling: next-token filters as pure functions, and the compiled engine.
 
-Filters follow Hugging Face's warper order (temperature, then top-k, then top-p
-over the renormalised top-k distribution). Ties at a cut-off are all kept.
+Next token. Greedy, temperature, top-k and top-p follow Hugging Face's warper
+order (temperature, then top-k, then top-p over the renormalised top-k
+distribution); ties at a cut-off are all kept. Neither the top-p cut-off nor
+the draw sorts the vocabulary (XLA's CPU sort of a [16, 32000] batch costs
+more than a decode step of a 50M model): top-p bisects for the smallest kept
+logit over the float32 values in bit-pattern order (32 masked sums, exact),
+and the draw inverts the cumulative distribution with one uniform per row
+instead of one Gumbel variate per vocabulary entry. A sample's log-prob is
+under the model's own distribution (untempered, unfiltered).
 
-Both the top-p cut-off and the draw avoid sorting the vocabulary (XLA's CPU sort
-of a [16, 32000] batch costs more than a decode step of a 50M model):
-- top-p finds the smallest kept logit by bisection over the float32 values in
-  bit-pattern order (32 masked sums, exact), instead of a sort and a
-  cumulative sum;
-- the draw inverts the cumulative distribution with one uniform per row, instead
-  of one Gumbel variate per vocabulary entry.
+Engine (`Sampler`). A jitted prefill encodes the videos, runs the left-padded
+prompts once into a preallocated KV cache (prompt bucket + max_new_tokens
+slots) and repeats each row's cache for its n samples; a jitted
+`lax.while_loop` then samples and feeds one token per step for every row, in
+place in the donated cache, until all rows hit a stop id or max_new_tokens.
+Sample j of prompt u draws with its own key, fold_in(fold_in(key(seed), u), j),
+so results are reproducible and do not depend on the batch around them. Rows
+are split over the mesh's ('data', 'fsdp') axes; parameters keep their own
+shardings.
 """
 import dataclasses
 import functools
@@ -48,6 +57,7 @@ class SamplingParams:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
   @property
   def greedy(self) -> bool:
@@ -131,7 +141,7 @@ def token_logprobs(logits_BxV, tokens_B):
 
 
 # ---------------------------------------------------------------------------
-# The compiled engine: prefill once, repeat the cache rows, decode in a loop.
+# The engine.
 # ---------------------------------------------------------------------------
 
 BATCH_AXES = ("data", "fsdp")
