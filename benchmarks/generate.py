@@ -16,9 +16,24 @@ side's utilisation divides them by its time and by its own float32 (or
 --dtype) matmul rate, measured here on a 2048^3 product.
 
   python benchmarks/generate.py                                  # CPU, float32
+  python benchmarks/generate.py --samples-per-prompt 2           # 8 prompts x 2
   python benchmarks/generate.py --device cuda --dtype bfloat16   # GPU
 
 The last line printed is speedup_vs_hf_generate=<hf seconds / our seconds>.
+Measured (best of 5 interleaved runs; the CPU is a 2-core Xeon VM shared with
+other jobs, so +-10%):
+
+  setting                       ours s  tok/s  MFU   HF s  tok/s  MFU  speedup
+  CPU f32, 16 prompts             3.94    260  25%   5.79    177  15%     1.47
+  CPU f32, 8 prompts x 2          3.32    309  20%   5.75    178   9%     1.73
+  H200 bf16, 16 prompts          0.049  20701   5%  0.617   1659  0.1%   12.5
+
+On the CPU both sides are bound by memory bandwidth while decoding (weights
+and a 190 MB cache per step); ours decodes in ~42 ms a step against ~80 for
+transformers (no cache concatenation, no Python per token, no vocabulary
+sort), but XLA's CPU attention is slower than torch's fused SDPA (prefill ~90
+vs ~17 ms a layer; decode attention runs single-threaded), so the prefill
+costs more here and the total stays under 2x.
 """
 import argparse
 import os

@@ -330,6 +330,11 @@ class Sampler:
     prompts share a batch, and more samples of a prompt can be drawn later.
     Returns NumPy arrays of this process's B * num_samples rows.
     """
+    if self.mesh is not None:
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      if len(ids_BxL) * jax.process_count() % shards:
+        raise ValueError(f"a batch of {len(ids_BxL)} prompts per process does "
+                         f"not split over the mesh's {shards} data shards")
     logits, carry = self._prefill(
         self.state, self._put(ids_BxL), self._put(mask_BxL),
         self._put(videos_BxTxHxWx3), num_samples=num_samples,

@@ -161,6 +161,8 @@ def test_sharded_generation_equals_single_device(checkpoint, sampler):
     for field in ("tokens", "lengths", "stopped"):
       np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
     np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4)
+  with pytest.raises(ValueError, match="3 prompts per process does not split"):
+    sharded(ids[:3], mask[:3], videos[:3], _uids(3), SAMPLE)
   _, carry = sharded._prefill(sharded.state, sharded._put(ids),
                               sharded._put(mask), sharded._put(videos),
                               num_samples=2, max_new_tokens=8)
