@@ -7,8 +7,10 @@ bucket (the video tokens as an offset, so the text length picks the bucket),
 and a short last batch filled with dummy rows whose results are dropped. So a
 stage runs a few shapes, each compiled once.
 
-On several hosts each host iterates its own prompts; sample keys fold in the
-prompt's position in that stream and the host's index (see `prompt_uid`).
+A prompt's samples are drawn with keys from its uid: a stable id given with
+the prompt (e.g. a hash of its record id, so that a resumed stage draws the
+same samples), or else its position in the stream. On several hosts each
+host iterates its own prompts; position uids then fold in the host's index.
 """
 from collections.abc import Iterable, Iterator, Sequence
 import dataclasses
@@ -25,9 +27,10 @@ from isr_dpo_jax.data import batching
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-  """Token ids with the video placeholders expanded, and the prompt's video."""
+  """Token ids with the video placeholders expanded, the video, a stable id."""
   token_ids: Sequence[int]
   video: np.ndarray | None = None  # float32 [T, H, W, 3], CLIP-normalised
+  uid: int | None = None  # int32 range; None: from the stream position
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +52,10 @@ class Sample:
     return len(self.token_ids)
 
 
-def prompt_uid(position: int) -> int:
-  """A prompt's id for its sample keys: unique over hosts, its position on one."""
+def prompt_uid(prompt: Prompt, position: int) -> int:
+  """The id a prompt's sample keys derive from (see the module doc)."""
+  if prompt.uid is not None:
+    return prompt.uid
   return position * jax.process_count() + jax.process_index()
 
 
@@ -80,6 +85,31 @@ def _sample(out: sampling.Generation, row: int,
                 finish_reason="eos" if stopped else "length")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Batch:
+  position: int  # stream position of the first prompt
+  real: int  # prompts in the batch; the rest are dummy rows
+  rows: batching.PromptBatch
+  videos: np.ndarray | None
+  uids: np.ndarray  # int32 [batch_size]
+
+
+def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
+             batch_size: int, pad_id: int, buckets: Sequence[int]):
+  position = 0
+  stream = iter(prompts)
+  while batch := list(itertools.islice(stream, batch_size)):
+    videos = _videos(batch, batch_size, position)
+    offset = 0 if videos is None else sampler.config.num_video_tokens
+    rows = batching.collate_prompts(
+        [np.asarray(p.token_ids, np.int32) for p in batch], batch_size,
+        pad_id, buckets, prompt_offset=offset)
+    uids = np.zeros(batch_size, np.int32)
+    uids[:len(batch)] = [prompt_uid(p, position + i) for i, p in enumerate(batch)]
+    yield _Batch(position, len(batch), rows, videos, uids)
+    position += len(batch)
+
+
 def generate(sampler: sampling.Sampler, prompts: Iterable[Prompt],
              params: sampling.SamplingParams, *,
              tokenizer: transformers.PreTrainedTokenizerBase, batch_size: int,
@@ -91,25 +121,27 @@ def generate(sampler: sampling.Sampler, prompts: Iterable[Prompt],
   `batch_size` counts prompts per batch on this host; batch_size (and so
   batch_size * num_samples) must divide over the mesh's data axes.
   """
-  pad_id = tokenizer.pad_token_id or 0
   bar = tqdm.tqdm(unit="tok", desc="generate", disable=not progress,
                   dynamic_ncols=True)
-  position = 0
-  stream = iter(prompts)
-  while batch := list(itertools.islice(stream, batch_size)):
-    videos = _videos(batch, batch_size, position)
-    offset = 0 if videos is None else sampler.config.num_video_tokens
-    rows = batching.collate_prompts(
-        [np.asarray(p.token_ids, np.int32) for p in batch], batch_size,
-        pad_id, buckets, prompt_offset=offset)
-    uids = np.array([prompt_uid(position + i) for i in range(batch_size)],
-                    np.int32)
-    out = sampler(rows.prompt_ids, rows.prompt_mask, videos, uids, params,
-                  num_samples=num_samples, seed=seed)
-    real_rows = len(batch) * num_samples
+  for b in _batches(sampler, prompts, batch_size, tokenizer.pad_token_id or 0,
+                    buckets):
+    out = sampler(b.rows.prompt_ids, b.rows.prompt_mask, b.videos, b.uids,
+                  params, num_samples=num_samples, seed=seed)
+    real_rows = b.real * num_samples
     bar.update(int(out.lengths[:real_rows].sum()))
-    bar.set_postfix(prompts=position + len(batch))
+    bar.set_postfix(prompts=b.position + b.real)
     for first in range(0, real_rows, num_samples):
       yield [_sample(out, r, tokenizer) for r in range(first, first + num_samples)]
-    position += len(batch)
   bar.close()
+
+
+def next_token_logprobs(sampler: sampling.Sampler, prompts: Iterable[Prompt], *,
+                        pad_id: int, batch_size: int,
+                        buckets: Sequence[int] = batching.BUCKETS) -> np.ndarray:
+  """log p(next token) [N, V] after each prompt, batched as `generate` does."""
+  out = []
+  for b in _batches(sampler, prompts, batch_size, pad_id, buckets):
+    logprobs = sampler.next_token_logprobs(b.rows.prompt_ids,
+                                           b.rows.prompt_mask, b.videos)
+    out.append(logprobs[:b.real])
+  return np.concatenate(out)

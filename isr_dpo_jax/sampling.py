@@ -186,6 +186,30 @@ def _shard_rows(tree, mesh):
   return jax.tree.map(constrain, tree)
 
 
+def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache=None):
+  """Runs left-padded prompts (into `cache` if given, from slot 0).
+
+  Returns the logits [B, V] after each prompt and the cache. Left padding puts
+  every row's last token at the end, so the output head runs there alone (XLA
+  would not drop the other L - 1 positions).
+  """
+  feats_BxNxD = None if videos is None else model.encode_video(videos)
+  x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
+  keys_valid = mask_BxL.astype(bool)
+  if cache is not None:  # slots after the prompt hold no keys yet
+    keys_valid = jnp.pad(keys_valid, ((0, 0), (0, cache.max_len - ids_BxL.shape[1])))
+  hidden_BxLxD, cache = model.hidden_states(
+      x_BxLxD, batching.positions(mask_BxL), keys_valid, cache)
+  return model.logits(hidden_BxLxD[:, -1]), cache
+
+
+def _score(graphdef, mesh, state, ids_BxL, mask_BxL, videos):
+  """log p(next token) [B, V] after each prompt, under the model."""
+  logits_BxV, _ = _prompt_logits(nnx.merge(graphdef, state), ids_BxL, mask_BxL,
+                                 videos)
+  return _shard_rows(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)), mesh)
+
+
 def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
              *, num_samples, max_new_tokens):
   """Runs the prompts once and repeats each row's cache for its n samples.
@@ -193,18 +217,10 @@ def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
   Returns the next-token logits of every sample and the decode loop's carry.
   """
   model = nnx.merge(graphdef, state)
-  feats_BxNxD = None if videos is None else model.encode_video(videos)
-  x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
   batch, length = ids_BxL.shape
-  positions_BxL = batching.positions(mask_BxL)
-  valid_BxS = jnp.pad(mask_BxL.astype(bool), ((0, 0), (0, max_new_tokens)))
   cache = _shard_rows(model.init_cache(batch, length + max_new_tokens,
                                        cache_dtype), mesh)
-  hidden_BxLxD, cache = model.hidden_states(x_BxLxD, positions_BxL, valid_BxS,
-                                            cache)
-  # Left padding puts every row's last prompt token at the end: only there is
-  # the output head needed (XLA would not drop the other L - 1 positions).
-  logits_BxV = model.logits(hidden_BxLxD[:, -1])
+  logits_BxV, cache = _prompt_logits(model, ids_BxL, mask_BxL, videos, cache)
   repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
   rows = batch * num_samples
   carry = _Decoding(
@@ -214,8 +230,8 @@ def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
                      stopped=jnp.zeros((rows,), bool)),
       done=jnp.zeros((rows,), bool),
       last_tokens=jnp.zeros((rows,), jnp.int32),
-      positions=repeat(positions_BxL[:, -1] + 1),
-      valid=repeat(valid_BxS),
+      positions=repeat(batching.positions(mask_BxL)[:, -1] + 1),
+      valid=repeat(jnp.pad(mask_BxL.astype(bool), ((0, 0), (0, max_new_tokens)))),
       cache=cache.repeat_rows(num_samples),
       step=jnp.zeros((), jnp.int32))
   return _shard_rows((repeat(logits_BxV), carry), mesh)
@@ -306,6 +322,7 @@ class Sampler:
     self._decode = jax.jit(
         functools.partial(_decode, graphdef, mesh),
         static_argnames=("params", "num_samples"), donate_argnames=("carry",))
+    self._score = jax.jit(functools.partial(_score, graphdef, mesh))
 
   def _put(self, x_local):
     """A process-local batch slice -> a global array sharded over the data axes."""
@@ -319,6 +336,21 @@ class Sampler:
       x = multihost_utils.global_array_to_host_local_array(x, self.mesh, P(BATCH_AXES))
     return np.asarray(x)
 
+  def _check_rows(self, batch: int):
+    if self.mesh is not None:
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      if batch * jax.process_count() % shards:
+        raise ValueError(f"a batch of {batch} prompts per process does not "
+                         f"split over the mesh's {shards} data shards")
+
+  def next_token_logprobs(self, ids_BxL, mask_BxL, videos_BxTxHxWx3):
+    """log p(next token) [B, V] after each left-padded prompt (NumPy, this
+    process's rows): one forward pass, e.g. for a judge's "A" or "B"."""
+    self._check_rows(len(ids_BxL))
+    return self._fetch(self._score(self.state, self._put(ids_BxL),
+                                   self._put(mask_BxL),
+                                   self._put(videos_BxTxHxWx3)))
+
   def __call__(self, ids_BxL, mask_BxL, videos_BxTxHxWx3, uids_B,
                params: SamplingParams, *, num_samples: int = 1,
                seed: int = 0, first_sample: int = 0) -> Generation:
@@ -330,11 +362,7 @@ class Sampler:
     prompts share a batch, and more samples of a prompt can be drawn later.
     Returns NumPy arrays of this process's B * num_samples rows.
     """
-    if self.mesh is not None:
-      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      if len(ids_BxL) * jax.process_count() % shards:
-        raise ValueError(f"a batch of {len(ids_BxL)} prompts per process does "
-                         f"not split over the mesh's {shards} data shards")
+    self._check_rows(len(ids_BxL))
     logits, carry = self._prefill(
         self.state, self._put(ids_BxL), self._put(mask_BxL),
         self._put(videos_BxTxHxWx3), num_samples=num_samples,

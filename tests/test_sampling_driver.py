@@ -5,6 +5,7 @@ import hf_reference as ref
 import numpy as np
 import pytest
 import tokenizers
+import torch
 import transformers
 
 from isr_dpo_jax import generate
@@ -19,9 +20,14 @@ PARAMS = sampling.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8,
 
 
 @pytest.fixture(scope="module")
-def sampler(tmp_path_factory):
+def hf_model():
+  return ref.tiny_model(seed=5)
+
+
+@pytest.fixture(scope="module")
+def sampler(hf_model, tmp_path_factory):
   path = tmp_path_factory.mktemp("hf")
-  ref.tiny_model(seed=5).save_pretrained(path)
+  hf_model.save_pretrained(path)
   return sampling.Sampler(models.load_pretrained(path))
 
 
@@ -39,14 +45,16 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def prompts(sampler):
-  """Five prompts over the two real clips, text lengths 3 to 11."""
+  """Five prompts over the two real clips, text lengths 3 to 11; one has a
+  stable uid, the others take their stream position."""
   clips = [video.preprocess(video.read_video(p, ref.NUM_FRAMES), ref.IMAGE_SIZE)
            for p in sorted(VIDEOS.glob("*.mp4"))]
   rng = np.random.default_rng(0)
   placeholders = [ref.VIDEO_ID] * sampler.config.num_video_tokens
   return [generate.Prompt([1] + placeholders + rng.integers(4, 90, n).tolist(),
-                          clips[i % len(clips)])
-          for i, n in enumerate([3, 11, 6, 9, 4])]
+                          clips[i % len(clips)], uid=uid)
+          for i, (n, uid) in enumerate(
+              [(3, None), (11, None), (6, 777), (9, None), (4, None)])]
 
 
 def test_results_come_in_input_order_and_equal_direct_calls(
@@ -57,12 +65,13 @@ def test_results_come_in_input_order_and_equal_direct_calls(
   assert [len(r) for r in results] == [2] * len(prompts)
   for position, (prompt, samples) in enumerate(zip(prompts, results)):
     # The same prompt as the only real row of a batch: its samples are fixed
-    # by its uid (its position), whatever shares its batch.
+    # by its uid, whatever shares its batch.
+    uid = position if prompt.uid is None else prompt.uid
     rows = batching.collate_prompts([np.asarray(prompt.token_ids)], 2, 0,
                                     prompt_offset=sampler.config.num_video_tokens)
     videos = np.stack([prompt.video, np.zeros_like(prompt.video)])
     direct = sampler(rows.prompt_ids, rows.prompt_mask, videos,
-                     np.array([position, 0], np.int32), PARAMS, num_samples=2,
+                     np.array([uid, 0], np.int32), PARAMS, num_samples=2,
                      seed=3)
     for j, sample in enumerate(samples):
       np.testing.assert_array_equal(
@@ -84,3 +93,13 @@ def test_a_batch_mixing_prompts_with_and_without_video_is_refused(
   with pytest.raises(ValueError, match=r"prompts \[1\] have no video"):
     list(generate.generate(sampler, mixed, PARAMS, tokenizer=tokenizer,
                            batch_size=4, progress=False))
+
+
+def test_next_token_logprobs_match_transformers(hf_model, sampler, prompts):
+  got = generate.next_token_logprobs(sampler, prompts, pad_id=0, batch_size=2)
+  assert got.shape == (len(prompts), ref.VOCAB)
+  for prompt, row in zip(prompts, got):
+    ids = np.asarray([prompt.token_ids])
+    logits = ref.logits(hf_model, ids, np.ones_like(ids), prompt.video[None])
+    want = torch.log_softmax(torch.from_numpy(logits[0, -1]).double(), -1)
+    np.testing.assert_allclose(row, want.numpy(), atol=1e-4)
