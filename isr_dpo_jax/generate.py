@@ -1,4 +1,4 @@
-"""Streaming generation over a dataset: batches, length buckets, progress, order.
+"""Streaming generation over a dataset: batches, buckets, progress, order.
 
 A stage hands an iterable of prompts to `generate` and gets back, prompt by
 prompt and in input order, `num_samples` samples each. Prompts are batched as
@@ -105,7 +105,8 @@ def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
         [np.asarray(p.token_ids, np.int32) for p in batch], batch_size,
         pad_id, buckets, prompt_offset=offset)
     uids = np.zeros(batch_size, np.int32)
-    uids[:len(batch)] = [prompt_uid(p, position + i) for i, p in enumerate(batch)]
+    uids[:len(batch)] = [prompt_uid(p, position + i)
+                         for i, p in enumerate(batch)]
     yield _Batch(position, len(batch), rows, videos, uids)
     position += len(batch)
 
@@ -131,13 +132,15 @@ def generate(sampler: sampling.Sampler, prompts: Iterable[Prompt],
     bar.update(int(out.lengths[:real_rows].sum()))
     bar.set_postfix(prompts=b.position + b.real)
     for first in range(0, real_rows, num_samples):
-      yield [_sample(out, r, tokenizer) for r in range(first, first + num_samples)]
+      yield [_sample(out, r, tokenizer)
+             for r in range(first, first + num_samples)]
   bar.close()
 
 
-def next_token_logprobs(sampler: sampling.Sampler, prompts: Iterable[Prompt], *,
-                        pad_id: int, batch_size: int,
-                        buckets: Sequence[int] = batching.BUCKETS) -> np.ndarray:
+def next_token_logprobs(sampler: sampling.Sampler, prompts: Iterable[Prompt],
+                        *, pad_id: int, batch_size: int,
+                        buckets: Sequence[int] = batching.BUCKETS
+                        ) -> np.ndarray:
   """log p(next token) [N, V] after each prompt, batched as `generate` does."""
   out = []
   for b in _batches(sampler, prompts, batch_size, pad_id, buckets):

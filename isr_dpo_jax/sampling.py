@@ -56,7 +56,8 @@ class SamplingParams:
     if not 0 < self.top_p <= 1:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+      raise ValueError(
+          f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
   @property
@@ -92,7 +93,8 @@ def _top_p_cutoff(logits_BxV, top_p):
     gap = hi - lo
     mid = lo + gap // 2 + gap % 2  # upper middle, no uint32 overflow
     above = logits_BxV >= _from_order_keys(mid)
-    feasible = jnp.sum(jnp.where(above, probs_BxV, 0), -1, keepdims=True) >= top_p
+    mass_Bx1 = jnp.sum(jnp.where(above, probs_BxV, 0), -1, keepdims=True)
+    feasible = mass_Bx1 >= top_p
     return jnp.where(feasible, mid, lo), jnp.where(feasible, hi, mid - 1)
 
   lo_Bx1, _ = jax.lax.fori_loop(0, 32, halve, (lo_Bx1, hi_Bx1))
@@ -197,7 +199,8 @@ def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache=None):
   x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
   keys_valid = mask_BxL.astype(bool)
   if cache is not None:  # slots after the prompt hold no keys yet
-    keys_valid = jnp.pad(keys_valid, ((0, 0), (0, cache.max_len - ids_BxL.shape[1])))
+    free_slots = cache.max_len - ids_BxL.shape[1]
+    keys_valid = jnp.pad(keys_valid, ((0, 0), (0, free_slots)))
   hidden_BxLxD, cache = model.hidden_states(
       x_BxLxD, batching.positions(mask_BxL), keys_valid, cache)
   return model.logits(hidden_BxLxD[:, -1]), cache
@@ -231,18 +234,20 @@ def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
       done=jnp.zeros((rows,), bool),
       last_tokens=jnp.zeros((rows,), jnp.int32),
       positions=repeat(batching.positions(mask_BxL)[:, -1] + 1),
-      valid=repeat(jnp.pad(mask_BxL.astype(bool), ((0, 0), (0, max_new_tokens)))),
+      valid=repeat(jnp.pad(mask_BxL.astype(bool),
+                           ((0, 0), (0, max_new_tokens)))),
       cache=cache.repeat_rows(num_samples),
       step=jnp.zeros((), jnp.int32))
   return _shard_rows((repeat(logits_BxV), carry), mesh)
 
 
 def _sample_keys(seed, uids_B, first_sample, num_samples):
-  """Key of sample j of prompt u: fold_in(fold_in(key(seed), u), first_sample + j)."""
+  """Sample j of prompt u: fold_in(fold_in(key(seed), u), first_sample + j)."""
   uids_N = jnp.repeat(uids_B, num_samples)
   index_N = first_sample + jnp.tile(jnp.arange(num_samples), uids_B.shape[0])
   fold = jax.vmap(jax.random.fold_in, in_axes=(None, 0))
-  return jax.vmap(jax.random.fold_in)(fold(jax.random.key(seed), uids_N), index_N)
+  prompt_keys_N = fold(jax.random.key(seed), uids_N)
+  return jax.vmap(jax.random.fold_in)(prompt_keys_N, index_N)
 
 
 def _is_stop(tokens_N, stop_ids):
@@ -253,7 +258,8 @@ def _is_stop(tokens_N, stop_ids):
 
 def _record(carry: _Decoding, logits_NxV, keys_N, params: SamplingParams):
   """Samples one token per row and appends it to the rows still running."""
-  step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_N, carry.step)
+  fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
+  step_keys = fold(keys_N, carry.step)
   tokens_N = next_tokens(logits_NxV, step_keys, params)
   running = ~carry.done
   stopped = running & _is_stop(tokens_N, params.stop_ids)
@@ -310,8 +316,8 @@ class Sampler:
   shardings they have.
   """
 
-  def __init__(self, model: models.VideoLlava, mesh: jax.sharding.Mesh | None = None,
-               *, cache_dtype=None):
+  def __init__(self, model: models.VideoLlava,
+               mesh: jax.sharding.Mesh | None = None, *, cache_dtype=None):
     self.config = model.config
     graphdef, self.state = nnx.split(model)
     self.mesh = mesh
@@ -325,7 +331,7 @@ class Sampler:
     self._score = jax.jit(functools.partial(_score, graphdef, mesh))
 
   def _put(self, x_local):
-    """A process-local batch slice -> a global array sharded over the data axes."""
+    """This process's rows -> a global array sharded over the data axes."""
     if x_local is None or self._rows is None:
       return x_local
     return jax.make_array_from_process_local_data(self._rows, x_local)
@@ -333,7 +339,8 @@ class Sampler:
   def _fetch(self, x):
     """This process's rows of a global row-sharded array, as NumPy."""
     if not x.is_fully_addressable:
-      x = multihost_utils.global_array_to_host_local_array(x, self.mesh, P(BATCH_AXES))
+      x = multihost_utils.global_array_to_host_local_array(
+          x, self.mesh, P(BATCH_AXES))
     return np.asarray(x)
 
   def _check_rows(self, batch: int):
