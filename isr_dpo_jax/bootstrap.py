@@ -1,12 +1,13 @@
-"""A starting checkpoint for runs on the built-in synthetic video world.
+"""A run's inputs: from the config, or made here on the synthetic video world.
 
-Real runs start from a checkpoint directory people bring (LLaVA-Hound-SFT).
-Runs on the synthetic world (the smoke config, the demo) make theirs: the
-world's videos and jsonl files, a LLaMA-style tokenizer trained on the world's
-text and on every prompt the loop will send, and a tiny Video-LLaVA saved in
-the Hugging Face layout, so that every later stage loads it like any other
-checkpoint.
+Real runs start from a checkpoint directory people bring (LLaVA-Hound-SFT)
+and their own jsonl files. Runs on the synthetic world (the smoke config, the
+demo) make theirs: the world's videos and jsonl files, a LLaMA-style tokenizer
+trained on the world's text and on every prompt the loop will send, and a tiny
+Video-LLaVA saved in the Hugging Face layout, so that every later stage loads
+it like any other checkpoint.
 """
+import dataclasses
 import json
 import os
 import pathlib
@@ -91,3 +92,28 @@ def init_checkpoint(cfg: ml_collections.ConfigDict, world: dict[str, pathlib.Pat
   model = models.VideoLlava(model_cfg, rngs=nnx.Rngs(cfg.seed))
   models.save_pretrained(model, path, tokenizer=tokenizer)
   return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Where a run's inputs are."""
+  init_checkpoint: pathlib.Path  # pi_0
+  prompts: pathlib.Path  # QA jsonl of (video, question) prompts
+  sft_data: pathlib.Path | None  # instruction jsonl for `isr-dpo sft`
+  video_root: pathlib.Path
+  test_sets: tuple[str, ...]  # test-QA files or registered names
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
+  """The run's inputs; on the synthetic world, writes the world and pi_0 first."""
+  given = lambda value: pathlib.Path(value) if value else None
+  if config.get("world") is None:
+    return Setup(given(config.model.checkpoint), given(config.data.prompts),
+                 given(config.sft.data), given(config.data.video_root),
+                 tuple(config.eval.test_sets))
+  world = write_world(config.world, workdir / "world")
+  checkpoint = given(config.model.checkpoint) or init_checkpoint(
+      config.world, world, workdir / "init", judge.Prompts(**config.prompts))
+  return Setup(checkpoint, given(config.data.prompts) or world["train_qa"],
+               given(config.sft.data) or world["train_sft"], world["video_root"],
+               tuple(config.eval.test_sets) or (os.fspath(world["test_qa"]),))

@@ -113,14 +113,18 @@ class Decision:
 
 
 def decide(y1: str, y2: str, p_y1: float, agree: bool, threshold: float,
-           parsed: bool = True) -> Decision:
-  """Keeps the pair or says why not (identical, unparsable, disagree, weak)."""
+           parsed: bool = True, require_agreement: bool = True) -> Decision:
+  """Keeps the pair or says why not (identical, unparsable, disagree, weak).
+
+  `require_agreement=False` keeps order-inconsistent pairs on the averaged
+  preference alone (for untrained models, whose letter bias dominates).
+  """
   confidence = max(p_y1, 1.0 - p_y1)
   if y1.strip() == y2.strip():
     return Decision(None, confidence, IDENTICAL)
   if not parsed:
     return Decision(None, confidence, UNPARSABLE)
-  if not agree:
+  if require_agreement and not agree:
     return Decision(None, confidence, INCONSISTENT)
   if confidence < threshold:
     return Decision(None, confidence, LOW_CONFIDENCE)

@@ -41,12 +41,14 @@ class SamplingParams:
   """How the next token is chosen and when a sample ends (static under jit).
 
   temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off.
+  banned_ids are never produced (e.g. the video placeholder id).
   """
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
   max_new_tokens: int = 64
   stop_ids: tuple[int, ...] = ()
+  banned_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.temperature < 0:
@@ -59,6 +61,7 @@ class SamplingParams:
       raise ValueError(
           f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
     object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+    object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
 
   @property
   def greedy(self) -> bool:
@@ -124,6 +127,8 @@ def categorical(keys_B, logits_BxV):
 
 def next_tokens(logits_BxV, keys_B, params: SamplingParams):
   """The next token of every row: argmax when greedy, else a filtered draw."""
+  if params.banned_ids:
+    logits_BxV = logits_BxV.at[:, jnp.asarray(params.banned_ids)].set(-jnp.inf)
   if params.greedy:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   filtered_BxV = filter_logits(logits_BxV, temperature=params.temperature,

@@ -63,6 +63,11 @@ def test_decide(y1, y2, p, agree, parsed, want):
   assert decision.confidence == pytest.approx(max(p, 1 - p))
 
 
+def test_decide_keeps_disagreeing_orders_when_asked():
+  decision = judge.decide("x", "y", 0.7, False, threshold=0.6, require_agreement=False)
+  assert (decision.winner, decision.reason) == (0, None)
+
+
 @pytest.mark.parametrize("text,want", [
     ("A", "A"), ("B.", "B"), ("(B) is better", "B"), ("  A: it is grounded", "A"),
     ("Response B is more accurate.", "B"),

@@ -104,3 +104,13 @@ def test_token_logprobs_are_the_untempered_log_softmax():
 def test_sampling_params_reject_bad_values(bad):
   with pytest.raises(ValueError, match=next(iter(bad))):
     sampling.SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_banned_ids_are_never_produced(temperature):
+  logits = jnp.tile(jnp.array([0.0, 9.0, 8.0, 1.0]), (64, 1))  # 1 is the favourite
+  params = sampling.SamplingParams(temperature=temperature, banned_ids=(1,))
+  keys = jax.random.split(jax.random.key(0), 64)
+  tokens = np.asarray(sampling.next_tokens(logits, keys, params))
+  assert not (tokens == 1).any()
+  assert (tokens == 2).mean() > 0.9  # the best allowed token takes its place

@@ -209,3 +209,12 @@ def test_token_across_the_answer_boundary_is_rejected():
   with pytest.raises(records.BadRecord) as e:
     enc.encode([("", "Yes")], with_video=False)
   assert e.value.reason == "token_crosses_answer_boundary"
+
+
+def test_learnt_pieces_never_contain_a_special_token():
+  corpus = ["USER: <video>\nWhat moves? ASSISTANT: The red square moves left.</s>"] * 50
+  tok = vocab.train_tokenizer(corpus, vocab_size=600)
+  pieces = [p for p in tok.get_vocab() if p not in tok.all_special_tokens]
+  assert not [p for p in pieces if "<video>" in p or "</s>" in p]
+  ids = tok("<video>\nWhat moves?")["input_ids"]
+  assert ids.count(tok.convert_tokens_to_ids("<video>")) == 1

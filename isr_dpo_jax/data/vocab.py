@@ -7,6 +7,7 @@ pieces that start at a word's "▁", byte fallback for unseen characters, bos
 sentences, with no hub access.
 """
 from collections.abc import Iterable
+import functools
 import json
 
 from tokenizers import decoders
@@ -50,6 +51,9 @@ def train_tokenizer(
   # runs unsplit, as transformers' LLaMA conversion does.
   trainer_tok = Tokenizer(models.BPE(unk_token="<unk>"))
   trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(split=True)
+  # Special tokens are whole tokens: no learnt piece may contain one.
+  corpus = (functools.reduce(lambda text, t: text.replace(t, " "), specials, line)
+            for line in corpus)
   trainer_tok.train_from_iterator(corpus, trainers.BpeTrainer(
       vocab_size=vocab_size - len(byte_pieces), special_tokens=specials,
       show_progress=False))

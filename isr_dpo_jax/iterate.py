@@ -1,0 +1,209 @@
+"""The ISR-DPO loop: `isr-dpo iterate --config=configs/<name>.py --workdir=<dir>`.
+
+Iteration t, in `<workdir>/iter_<t>/` (METHOD.md section 1):
+  1. responses.jsonl, contexts.jsonl   two answers per prompt; c_t per video
+  2. judgments.jsonl                   pi_t's preference between its answers
+  3. pairs.jsonl                       DPO records with reference log-probs
+  4. checkpoints/, policy/             DPO from pi_t (Orbax); pi_{t+1}'s params
+  +  eval/, errors.jsonl, train/metrics.jsonl, summary.json
+`<workdir>/report.md` and its plots are rewritten after every iteration.
+
+Everything is written as it goes, so running the same command again after a
+kill continues where it stopped and ends with the same pairs and parameters.
+"""
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+
+from flax import nnx
+import jax
+import ml_collections
+import numpy as np
+
+from isr_dpo_jax import bootstrap
+from isr_dpo_jax import distributed
+from isr_dpo_jax import evaluate
+from isr_dpo_jax import models
+from isr_dpo_jax import parallel
+from isr_dpo_jax import policy as policy_lib
+from isr_dpo_jax import report
+from isr_dpo_jax import sampling
+from isr_dpo_jax import stages
+from isr_dpo_jax import train
+from isr_dpo_jax.data import records
+from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.data import video as video_lib
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  distributed.initialize()
+  run(config, workdir)
+
+
+def run(config: ml_collections.ConfigDict, workdir) -> list[dict]:
+  """Runs (or resumes) every iteration; returns their summaries."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = parallel.make_mesh(dict(config.mesh))
+  setup = bootstrap.prepare(config, workdir)
+  items = read_prompts(setup.prompts, setup.video_root, config.data.max_error_rate)
+  summaries = []
+  for t in range(config.iterations):
+    summaries.append(iteration(t, config, workdir, mesh, setup, items))
+    report.write(workdir, summaries)
+  final = workdir / f"iter_{config.iterations - 1}" / "eval_final"
+  if config.eval.enabled and config.iterations and "eval_final" not in summaries[-1]:
+    policy = load_policy(config, workdir, mesh, setup, config.iterations)
+    summaries[-1]["eval_final"] = evaluate_policy(policy, config, setup, final)
+    _write_summary(workdir / f"iter_{config.iterations - 1}", summaries[-1])
+    report.write(workdir, summaries)
+  return summaries
+
+
+def read_prompts(path, video_root, max_error_rate) -> list[dict]:
+  """(video, question) items of a QA jsonl; bad lines are logged and counted."""
+  report_ = records.ReadReport()
+  items = []
+  for line, record in records.iter_jsonl(path, "qa", report_, video_root):
+    question = records.conversation_turns(record["conversations"])[0][0]
+    items.append(dict(id=str(record["id"]), video=record["video"],
+                      question=question.replace("<video>", "").strip(),
+                      file=str(path), line=line))
+    report_.keep(record)
+  if report_.errors:
+    logging.warning("prompts: %s", report_.summary())
+  report_.check(max_error_rate)
+  return items
+
+
+def select(items: list[dict], config, t: int) -> list[dict]:
+  """This iteration's prompts: a fixed subset, or a fresh one per iteration."""
+  n = config.data.prompts_per_iteration or len(items)
+  seed = config.seed + (t if config.data.fresh_prompts else 0)
+  order = np.random.default_rng(seed).permutation(len(items))[:n]
+  return [items[i] for i in sorted(order)]
+
+
+def load_policy(config, workdir, mesh, setup: bootstrap.Setup, t: int) -> policy_lib.Policy:
+  """pi_t: pi_0 from its checkpoint, later ones with iteration t-1's params."""
+  params_dir = workdir / f"iter_{t - 1}" / "policy" if t > 0 else None
+  return policy_lib.Policy.load(
+      setup.init_checkpoint, mesh=mesh, template=config.data.template,
+      video_root=setup.video_root, batch_size=config.sampling.batch_size,
+      buckets=config.sampling.buckets, max_length=config.data.max_length,
+      params_dir=params_dir)
+
+
+def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setup,
+              items: list[dict]) -> dict:
+  """One ISR-DPO iteration; a finished one is read back from its summary."""
+  it_dir = workdir / f"iter_{t}"
+  summary_path = it_dir / "summary.json"
+  if summary_path.exists():
+    return json.loads(summary_path.read_text())
+  it_dir.mkdir(parents=True, exist_ok=True)
+  seed = config.seed * 1000 + t
+  policy = load_policy(config, workdir, mesh, setup, t)
+  summary = dict(iteration=t)
+  if config.eval.enabled:
+    summary["eval"] = evaluate_policy(policy, config, setup, it_dir / "eval")
+
+  errors = stages.ErrorLog(it_dir / "errors.jsonl")
+  prompts = select(items, config, t)
+  answered, s1 = stages.responses(prompts, policy, config, seed,
+                                  it_dir / "responses.jsonl", errors)
+  videos = sorted({x["video"]: x for x in prompts}.values(), key=lambda x: x["video"])
+  videos = [dict(x, id=x["video"]) for x in videos]
+  previous = carried_contexts(workdir, t)
+  written, s2 = stages.contexts(videos, previous, policy, config, seed,
+                                it_dir / "contexts.jsonl", errors)
+  context_of = {c["video"]: c["context"] for c in written}
+  judged, s3 = stages.judgments(answered, context_of, policy, config, seed,
+                                it_dir / "judgments.jsonl", errors)
+  pairs = stages.preference_records(answered, judged)
+
+  num_steps = math.ceil(config.train.epochs * len(pairs) / config.train.batch_size)
+  trainer = train.Trainer(policy.model, train_config(config), mesh,
+                          total_steps=max(num_steps, 1))
+  reference = (policy.model if config.dpo.reference == "previous" else
+               models.load_pretrained(setup.init_checkpoint, mesh=mesh))
+  pairs = stages.reference_logps(pairs, it_dir / "pairs.jsonl", policy, trainer,
+                                 nnx.to_pure_dict(nnx.state(reference)),
+                                 config.train.batch_size, errors)
+  params = nnx.to_pure_dict(nnx.state(policy.model))
+  if pairs:
+    params = stages.dpo(pairs, it_dir / "pairs.jsonl", policy, trainer, num_steps,
+                        config, seed, it_dir).params
+  else:
+    logging.warning("iteration %d: no preference pairs; pi_%d = pi_%d", t, t + 1, t)
+  policy_lib.save_params(params, it_dir / "policy")
+
+  summary["stages"] = [s.as_dict() for s in (s1, s2, s3)]
+  summary["pairs"] = len(pairs)
+  summary["pairs_dropped"] = dict(errors.count("pairs"))
+  summary["train"] = report.train_summary(it_dir / "train" / "metrics.jsonl")
+  errors.close()
+  for s in (s1, s2, s3):
+    logging.info("iteration %d %s", t, s.line())
+  _write_summary(it_dir, summary)
+  return summary
+
+
+def _write_summary(it_dir: pathlib.Path, summary: dict) -> None:
+  """summary.json marks the iteration finished (written last, atomically)."""
+  if jax.process_index() == 0:
+    tmp = it_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(it_dir / "summary.json")
+
+
+def carried_contexts(workdir: pathlib.Path, t: int) -> dict[str, str]:
+  """c_{t-1} per video: the latest context written for it before iteration t."""
+  contexts = {}
+  for s in range(t):
+    path = workdir / f"iter_{s}" / "contexts.jsonl"
+    if path.exists():
+      contexts |= {r["video"]: r["context"] for r in map(json.loads, path.open())}
+  return contexts
+
+
+def train_config(config) -> train.TrainConfig:
+  d, tr = config.dpo, config.train
+  return train.TrainConfig(
+      learning_rate=tr.learning_rate, schedule=tr.schedule, warmup_ratio=tr.warmup_ratio,
+      weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
+      grad_accum_steps=tr.grad_accum_steps, frozen=tuple(tr.frozen), remat=tr.remat,
+      packed=tr.packed, beta=d.beta, loss_type=d.loss_type,
+      label_smoothing=d.label_smoothing, length_penalty=d.length_penalty,
+      length_normalized=d.length_normalized, dpo_alpha=d.dpo_alpha, gamma=d.gamma)
+
+
+def evaluate_policy(policy: policy_lib.Policy, config, setup: bootstrap.Setup,
+                    workdir: pathlib.Path) -> list[dict]:
+  """Greedy answers on the config's test sets, scored by match or by a judge."""
+  greedy = sampling.SamplingParams(temperature=0.0,
+                                   max_new_tokens=config.sampling.answer.max_new_tokens)
+
+  def answer_fn(batch):
+    pixels, ok = [], []
+    for r in batch:
+      try:
+        pixels.append(policy.video(r.video))
+        ok.append(r)
+      except video_lib.VideoError as e:
+        logging.warning("eval: %s: %s", r.id, e)
+    uids = [policy_lib.stable_uid("eval", r.id) for r in ok]
+    texts = {r.id: s[0].text for r, s in zip(
+        ok, policy.sample([r.question for r in ok], pixels, uids, greedy))}
+    return [texts.get(r.id, "") for r in batch]
+
+  eval_config = ml_collections.ConfigDict(config.eval)
+  eval_config.test_sets = list(setup.test_sets)
+  rows = evaluate.evaluate(eval_config, workdir, answer_fn,
+                           checker=synthetic.answer_is_correct,
+                           tokenizer=policy.tokenizer)
+  return [dataclasses.asdict(row) for row in rows]

@@ -1,0 +1,120 @@
+"""The policy pi_t as the loop's stages use it: questions about videos in, text out.
+
+One object holds what every stage needs to ask the model something: the model
+on its mesh, the tokenizer and text encoder, the compiled sampler and video
+reading. Stages give it (question, video) pairs and stable ids; it gives back
+samples, or next-token log-probabilities for the likelihood judge.
+"""
+from collections.abc import Sequence
+import dataclasses
+import os
+import pathlib
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+import orbax.checkpoint as ocp
+
+from isr_dpo_jax import generate
+from isr_dpo_jax import models
+from isr_dpo_jax import sampling
+from isr_dpo_jax.data import templates
+from isr_dpo_jax.data import tokenize
+from isr_dpo_jax.data import video as video_lib
+
+
+def save_params(params: dict, path: pathlib.Path) -> None:
+  """A policy's parameters (a pure dict) as one Orbax checkpoint, once."""
+  if path.exists():
+    return
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path.absolute(), params)
+  checkpointer.wait_until_finished()
+
+
+def load_params(model: models.VideoLlava, path: pathlib.Path) -> None:
+  """Restores `save_params` output into `model`, onto its current shardings."""
+  state = nnx.state(model)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+  restored = ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute(), abstract)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+
+
+def stable_uid(*parts) -> int:
+  """A 31-bit id of a record for its sample keys: the same in every run."""
+  return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+@dataclasses.dataclass
+class Policy:
+  """A Video-LLaVA with everything needed to prompt it."""
+  model: models.VideoLlava
+  tokenizer: object
+  encoder: tokenize.TextEncoder
+  sampler: sampling.Sampler
+  video_root: pathlib.Path
+  batch_size: int
+  buckets: tuple[int, ...]
+
+  @classmethod
+  def load(cls, checkpoint: str | os.PathLike, *, mesh, template: str,
+           video_root: str | os.PathLike, batch_size: int,
+           buckets: Sequence[int], max_length: int = 2048,
+           params_dir: str | os.PathLike | None = None,
+           dtype=jnp.float32) -> "Policy":
+    """pi_0 from a checkpoint directory; pi_t with the params saved in params_dir."""
+    model = models.load_pretrained(checkpoint, dtype=dtype, mesh=mesh)
+    if params_dir is not None:
+      load_params(model, params_dir)
+    tokenizer = models.load_tokenizer(checkpoint)
+    tokenize.add_video_token(tokenizer)
+    encoder = tokenize.TextEncoder(
+        tokenizer, templates.resolve(template), model.config.video_token_id,
+        model.config.num_video_tokens, max_length=max_length)
+    return cls(model, tokenizer, encoder, sampling.Sampler(model, mesh),
+               pathlib.Path(video_root), batch_size, tuple(buckets))
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.tokenizer.eos_token_id,)
+
+  def video(self, name: str) -> np.ndarray:
+    """float32 [T, S, S, 3] pixels of a video; raises video.VideoError."""
+    vision = self.model.config.vision
+    frames = video_lib.read_video(self.video_root / name, vision.num_frames)
+    return video_lib.preprocess(frames, vision.image_size)
+
+  def sample(self, questions: Sequence[str], videos: Sequence[np.ndarray],
+             uids: Sequence[int], params: sampling.SamplingParams, *,
+             num_samples: int = 1, seed: int = 0) -> list[list[generate.Sample]]:
+    """`num_samples` answers per (question, video), in order, from one prefill."""
+    prompts = [generate.Prompt(self.encoder.prompt(q), v, uid)
+               for q, v, uid in zip(questions, videos, uids, strict=True)]
+    params = dataclasses.replace(params, stop_ids=self.stop_ids,
+                                 banned_ids=(self.model.config.video_token_id,))
+    return list(generate.generate(
+        self.sampler, prompts, params, tokenizer=self.tokenizer,
+        batch_size=self.batch_size, num_samples=num_samples, seed=seed,
+        buckets=self.buckets, progress=False))
+
+  def letter_ids(self, letters: Sequence[str]) -> list[int]:
+    """The token each letter starts with when it opens the answer (" A")."""
+    ids = []
+    for letter in letters:
+      tokens, labels = self.encoder.encode([("?", letter)], with_video=False)
+      ids.append(int(tokens[labels][0]))
+    return ids
+
+  def next_token_logprobs(self, questions: Sequence[str],
+                          videos: Sequence[np.ndarray], token_ids: Sequence[int]
+                          ) -> np.ndarray:
+    """log p(token | video, question) [N, len(token_ids)] after "ASSISTANT:"."""
+    prompts = [generate.Prompt(self.encoder.prompt(q), v)
+               for q, v in zip(questions, videos, strict=True)]
+    logprobs = generate.next_token_logprobs(
+        self.sampler, prompts, pad_id=self.tokenizer.pad_token_id,
+        batch_size=self.batch_size, buckets=self.buckets)
+    return logprobs[:, list(token_ids)]

@@ -1,0 +1,73 @@
+"""Supervised fine-tuning: `isr-dpo sft --config=configs/<name>.py --workdir=<dir>`.
+
+Trains pi_0 on instruction jsonl (ShareGPTVideo QA/caption conversations) with
+the DPO trainer's machinery (masked cross-entropy on the answers) and writes
+`<workdir>/model` in the Hugging Face layout with its tokenizer: the starting
+checkpoint of `isr-dpo iterate`. Killed runs resume from the last checkpoint.
+"""
+import logging
+import math
+import os
+import pathlib
+
+from flax import nnx
+import ml_collections
+
+from isr_dpo_jax import bootstrap
+from isr_dpo_jax import checkpoint
+from isr_dpo_jax import distributed
+from isr_dpo_jax import metrics as metrics_lib
+from isr_dpo_jax import models
+from isr_dpo_jax import parallel
+from isr_dpo_jax import train
+from isr_dpo_jax.data import loader as loader_lib
+from isr_dpo_jax.data import templates
+from isr_dpo_jax.data import tokenize
+
+
+def main(config: ml_collections.ConfigDict, workdir: str) -> None:
+  logging.getLogger().setLevel(logging.INFO)
+  logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
+  distributed.initialize()
+  run(config, workdir)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathlib.Path:
+  """Fine-tunes and saves; returns the saved model's directory."""
+  workdir = pathlib.Path(workdir)
+  out = workdir / "model"
+  if (out / "config.json").exists():
+    return out
+  mesh = parallel.make_mesh(dict(config.mesh))
+  setup = bootstrap.prepare(config, workdir)
+  model = models.load_pretrained(setup.init_checkpoint, mesh=mesh)
+  tokenizer = models.load_tokenizer(setup.init_checkpoint)
+  tokenize.add_video_token(tokenizer)
+  encoder = tokenize.TextEncoder(
+      tokenizer, templates.resolve(config.data.template), model.config.video_token_id,
+      model.config.num_video_tokens, max_length=config.data.max_length)
+  vision = model.config.vision
+  source = loader_lib.JsonlSource(setup.sft_data, "qa", setup.video_root, vision.num_frames,
+                                  vision.image_size, config.data.max_error_rate)
+  cfg = config.sft
+  num_steps = math.ceil(cfg.epochs * len(source) / cfg.batch_size)
+  trainer = train.Trainer(model, train.TrainConfig(
+      learning_rate=cfg.learning_rate, schedule=cfg.schedule,
+      warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+      frozen=tuple(cfg.frozen), remat=config.train.remat), mesh, total_steps=num_steps)
+  batches = iter(loader_lib.Loader(source, "sft", encoder, cfg.batch_size,
+                                   seed=config.seed, num_epochs=None,
+                                   buckets=config.sampling.buckets))
+  with checkpoint.Checkpointer(workdir / "checkpoints",
+                               save_interval_steps=config.train.checkpoint_every) as ckpt, \
+       metrics_lib.MetricsWriter(workdir / "train") as writer:
+    state = train.restore_or_init(trainer, model, ckpt, batches, config.seed)
+    state = train.fit(lambda s, b: trainer.sft_update(s, b.text, b.frames), state,
+                      batches, num_steps=num_steps, checkpointer=ckpt, writer=writer,
+                      desc="sft")
+  params = nnx.state(model)
+  nnx.replace_by_pure_dict(params, state.params)
+  nnx.update(model, params)
+  models.save_pretrained(model, out, tokenizer=tokenizer)
+  logging.info("sft: %d steps on %d records -> %s", num_steps, len(source), out)
+  return out

@@ -1,0 +1,299 @@
+"""The stages of one ISR-DPO iteration (METHOD.md section 1), each resumable.
+
+  responses  two sampled answers per (video, question)       responses.jsonl
+  contexts   c_t(V) written while revisiting c_{t-1}(V)       contexts.jsonl
+  judgments  the policy's preference, both orders averaged    judgments.jsonl
+  pairs      LLaVA-Hound DPO records + reference log-probs    pairs.jsonl
+
+Each stage walks its work in fixed batches, in a fixed order, and appends a
+record per item as each batch finishes. A restarted stage skips the batches
+already written and reruns a partly written one whole (keeping what is there),
+so batch composition, and therefore every number, equals an uninterrupted run.
+Items that fail (a video that does not decode) go to the iteration's error log
+with the file, line and cause, and count as done.
+"""
+from collections.abc import Callable, Iterable, Sequence
+import collections
+import dataclasses
+import logging
+import time
+
+import numpy as np
+
+from isr_dpo_jax import checkpoint
+from isr_dpo_jax import judge
+from isr_dpo_jax import metrics as metrics_lib
+from isr_dpo_jax import policy as policy_lib
+from isr_dpo_jax import sampling
+from isr_dpo_jax import train
+from isr_dpo_jax.data import loader as loader_lib
+from isr_dpo_jax.data import records
+from isr_dpo_jax.data import video as video_lib
+
+
+@dataclasses.dataclass
+class Summary:
+  """A stage's one-line account: records in, out, dropped by reason, tokens/s."""
+  stage: str
+  records_in: int = 0
+  records_out: int = 0
+  dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  tokens: int = 0
+  seconds: float = 0.0
+
+  def line(self) -> str:
+    drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
+    speed = f", {self.tokens / self.seconds:.0f} tokens/s" if self.tokens and self.seconds else ""
+    return (f"{self.stage}: {self.records_in} in, {self.records_out} out, "
+            f"dropped: {drops}{speed}, {self.seconds:.1f}s")
+
+  def as_dict(self) -> dict:
+    return dict(stage=self.stage, records_in=self.records_in,
+                records_out=self.records_out, dropped=dict(self.dropped),
+                tokens=self.tokens, seconds=self.seconds)
+
+
+class ErrorLog:
+  """The iteration's errors.jsonl: one line per bad item, keyed by stage and id."""
+
+  def __init__(self, path):
+    self._log = records.JsonlAppender(path, key=lambda r: (r["stage"], r["id"]))
+
+  def done(self, stage: str) -> set[str]:
+    return {i for s, i in self._log.done if s == stage}
+
+  def add(self, stage: str, item: dict, reason: str, detail: str) -> None:
+    """Logs a bad item once (a rerun batch meets it again)."""
+    if (stage, item["id"]) in self._log.done:
+      return
+    logging.warning("%s: skipping %s (%s:%s): %s", stage, item["id"],
+                    item.get("file"), item.get("line"), detail)
+    self._log.append(dict(stage=stage, id=item["id"], file=item.get("file"),
+                          line=item.get("line"), reason=reason, detail=detail))
+
+  def count(self, stage: str) -> collections.Counter:
+    return collections.Counter(r["reason"] for r in self._log.records if r["stage"] == stage)
+
+  def close(self):
+    self._log.close()
+
+
+def run_batches(stage: str, path, items: Sequence[dict], batch_size: int,
+                work: Callable[[list[dict]], Iterable[dict]], errors: ErrorLog
+                ) -> list[dict]:
+  """Appends `work(batch)` records for every fixed batch not yet written."""
+  with records.JsonlAppender(path) as out:
+    skipped = errors.done(stage)
+    for start in range(0, len(items), batch_size):
+      batch = items[start:start + batch_size]
+      if all(x["id"] in out.done or x["id"] in skipped for x in batch):
+        continue
+      for record in work(batch):
+        if record["id"] not in out.done:
+          out.append(record)
+    return list(out.records)
+
+
+def _with_videos(stage: str, batch: list[dict], policy: policy_lib.Policy,
+                 errors: ErrorLog) -> tuple[list[dict], list[np.ndarray]]:
+  """The batch's items whose video decodes, with their pixels; logs the rest."""
+  kept, pixels = [], []
+  for item in batch:
+    try:
+      pixels.append(policy.video(item["video"]))
+      kept.append(item)
+    except video_lib.VideoError as e:
+      errors.add(stage, item, "bad_video", str(e))
+  return kept, pixels
+
+
+def _sample_params(cfg) -> sampling.SamplingParams:
+  return sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k,
+                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+
+
+def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
+              path, errors: ErrorLog) -> tuple[list[dict], Summary]:
+  """Stage 1a: y1, y2 ~ pi_t(. | V, x) for every prompt item."""
+  summary, clock = Summary("responses", records_in=len(items)), time.perf_counter()
+  params = _sample_params(cfg.sampling.answer)
+
+  def work(batch):
+    kept, pixels = _with_videos("responses", batch, policy, errors)
+    if not kept:
+      return []
+    uids = [policy_lib.stable_uid("answer", x["id"]) for x in kept]
+    samples = policy.sample([x["question"] for x in kept], pixels, uids, params,
+                            num_samples=2, seed=seed)
+    summary.tokens += sum(s.length for pair in samples for s in pair)
+    return [dict(id=x["id"], video=x["video"], question=x["question"],
+                 responses=[s.text for s in pair],
+                 lengths=[s.length for s in pair],
+                 logprobs=[s.logprob for s in pair],
+                 finish=[s.finish_reason for s in pair])
+            for x, pair in zip(kept, samples)]
+
+  out = run_batches("responses", path, items, cfg.sampling.batch_size, work, errors)
+  summary.records_out, summary.dropped = len(out), errors.count("responses")
+  summary.seconds = time.perf_counter() - clock
+  return out, summary
+
+
+def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Policy,
+             cfg, seed: int, path, errors: ErrorLog) -> tuple[list[dict], Summary]:
+  """Stage 1b: c_t(V) ~ pi_t(. | V, c_{t-1}(V)), one per video.
+
+  Without retrospection (an ablation) every context is written from scratch.
+  """
+  summary, clock = Summary("contexts", records_in=len(videos)), time.perf_counter()
+  params = _sample_params(cfg.sampling.context)
+  prompts = judge_prompts(cfg)
+
+  def work(batch):
+    kept, pixels = _with_videos("contexts", batch, policy, errors)
+    if not kept:
+      return []
+    before = [previous.get(x["video"]) if cfg.judge.retrospective else None
+              for x in kept]
+    questions = [judge.context_question(prompts, p) for p in before]
+    uids = [policy_lib.stable_uid("context", x["id"]) for x in kept]
+    samples = policy.sample(questions, pixels, uids, params, seed=seed)
+    summary.tokens += sum(s[0].length for s in samples)
+    return [dict(id=x["id"], video=x["video"], previous=p, prompt=q,
+                 context=s[0].text, length=s[0].length)
+            for x, p, q, s in zip(kept, before, questions, samples)]
+
+  out = run_batches("contexts", path, videos, cfg.sampling.batch_size, work, errors)
+  summary.records_out, summary.dropped = len(out), errors.count("contexts")
+  summary.seconds = time.perf_counter() - clock
+  return out, summary
+
+
+def judge_prompts(cfg) -> judge.Prompts:
+  return judge.Prompts(**cfg.prompts)
+
+
+def judgments(answered: list[dict], context_of: dict[str, str],
+              policy: policy_lib.Policy, cfg, seed: int, path, errors: ErrorLog
+              ) -> tuple[list[dict], Summary]:
+  """Stage 2: the policy judges y1 against y2 in both orders; keep or drop."""
+  summary, clock = Summary("judgments", records_in=len(answered)), time.perf_counter()
+  prompts = judge_prompts(cfg)
+  letters = policy.letter_ids("AB")
+  verdict_params = sampling.SamplingParams(temperature=0.0,
+                                           max_new_tokens=cfg.judge.max_new_tokens)
+
+  def work(batch):
+    kept, pixels = _with_videos("judgments", batch, policy, errors)
+    if not kept:
+      return []
+    orders = [judge.judge_questions(
+        prompts, x["question"], *x["responses"],
+        context_of.get(x["video"]) if cfg.judge.use_context else None) for x in kept]
+    questions = [q for pair in orders for q in pair]
+    frames = [p for p in pixels for _ in range(2)]
+    if cfg.judge.mode == "likelihood":
+      logps = policy.next_token_logprobs(questions, frames, letters).reshape(-1, 2, 2)
+      p_y1, agree = judge.preference_from_letters(logps)
+      parsed, raw = np.ones(len(kept), bool), logps.tolist()
+    elif cfg.judge.mode == "generative":
+      uids = [policy_lib.stable_uid("verdict", x["id"], o) for x in kept for o in (0, 1)]
+      texts = [s[0].text for s in policy.sample(questions, frames, uids, verdict_params,
+                                                seed=seed)]
+      verdicts = [judge.parse_verdict(t) for t in texts]
+      p_y1, agree, parsed = judge.preference_from_verdicts(
+          list(zip(verdicts[0::2], verdicts[1::2])))
+      raw = list(zip(texts[0::2], texts[1::2]))
+    else:
+      raise ValueError(f"judge.mode must be likelihood or generative: {cfg.judge.mode!r}")
+    out = []
+    for i, x in enumerate(kept):
+      decision = judge.decide(*x["responses"], float(p_y1[i]), bool(agree[i]),
+                              cfg.judge.threshold, bool(parsed[i]),
+                              cfg.judge.require_agreement)
+      out.append(dict(id=x["id"], p_y1=float(p_y1[i]), agree=bool(agree[i]),
+                      confidence=decision.confidence, winner=decision.winner,
+                      reason=decision.reason, raw=raw[i]))
+    return out
+
+  out = run_batches("judgments", path, answered, cfg.judge.batch_size, work, errors)
+  summary.records_out = sum(r["winner"] is not None for r in out)
+  summary.dropped = errors.count("judgments") + collections.Counter(
+      r["reason"] for r in out if r["reason"])
+  summary.seconds = time.perf_counter() - clock
+  return out, summary
+
+
+def preference_records(answered: list[dict], judged: list[dict]) -> list[dict]:
+  """Kept judgments as LLaVA-Hound DPO records (+ confidence and lengths)."""
+  by_id = {r["id"]: r for r in answered}
+  pairs = []
+  for j in judged:
+    if j["winner"] is None:
+      continue
+    a = by_id[j["id"]]
+    w, l = j["winner"], 1 - j["winner"]
+    pairs.append(dict(id=a["id"], video=a["video"], prompt=a["question"],
+                      chosen=a["responses"][w], rejected=a["responses"][l],
+                      chosen_length=a["lengths"][w], rejected_length=a["lengths"][l],
+                      confidence=j["confidence"]))
+  return pairs
+
+
+def _pair_loader(pairs_path, policy: policy_lib.Policy, batch_size: int, *,
+                 shuffle: bool, num_epochs: int | None, seed: int = 0):
+  vision = policy.model.config.vision
+  source = loader_lib.JsonlSource(pairs_path, "dpo", policy.video_root,
+                                  vision.num_frames, vision.image_size)
+  return loader_lib.Loader(source, "preference", policy.encoder, batch_size,
+                           seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                           buckets=policy.buckets)
+
+
+def reference_logps(pairs: list[dict], path, policy: policy_lib.Policy,
+                    trainer: train.Trainer, reference_params, batch_size: int,
+                    errors: ErrorLog) -> list[dict]:
+  """Stage 3: log pi_ref(y_w), log pi_ref(y_l), computed once, stored with the pairs.
+
+  Training then needs no reference model resident. Pairs are written first
+  without them (the loader reads the file), then again with them, atomically.
+  A pair that cannot be tokenised (too long, say) is logged and left out.
+  """
+  if pairs and all("reference_chosen_logp" in p for p in pairs):
+    return pairs
+  records.write_jsonl(path, pairs)
+  logps = {}
+  loader = _pair_loader(path, policy, batch_size, shuffle=False, num_epochs=1)
+  for batch in loader:
+    chosen, rejected = trainer.reference_logps(reference_params, batch.text, batch.frames)
+    for row, pair_id in enumerate(batch.ids):
+      if pair_id is not None:
+        logps[pair_id] = (float(chosen[row]), float(rejected[row]))
+  for error in loader.report.errors:
+    item = dict(pairs[error.line - 1], file=error.path, line=error.line)
+    errors.add("pairs", item, error.reason, error.detail)
+  pairs = [dict(p, reference_chosen_logp=logps[p["id"]][0],
+                reference_rejected_logp=logps[p["id"]][1])
+           for p in pairs if p["id"] in logps]
+  records.write_jsonl(path, pairs)
+  return pairs
+
+
+def dpo(pairs: list[dict], path, policy: policy_lib.Policy, trainer: train.Trainer,
+        num_steps: int, cfg, seed: int, workdir) -> train.TrainState:
+  """Stage 4: DPO from pi_t on the pairs; resumes from the last train checkpoint."""
+  reference = {p["id"]: (p["reference_chosen_logp"], p["reference_rejected_logp"])
+               for p in pairs}
+  batches = iter(_pair_loader(path, policy, cfg.train.batch_size, shuffle=True,
+                              num_epochs=None, seed=seed))
+
+  def update(state, batch):
+    ref = np.array([reference.get(i, (0.0, 0.0)) for i in batch.ids], np.float32)
+    return trainer.dpo_update(state, batch.text, batch.frames, ref[:, 0], ref[:, 1])
+
+  with checkpoint.Checkpointer(workdir / "checkpoints",
+                               save_interval_steps=cfg.train.checkpoint_every) as ckpt, \
+       metrics_lib.MetricsWriter(workdir / "train") as writer:
+    state = train.restore_or_init(trainer, policy.model, ckpt, batches, seed)
+    return train.fit(update, state, batches, num_steps=num_steps, checkpointer=ckpt,
+                     writer=writer, desc="dpo")
