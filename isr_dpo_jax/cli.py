@@ -45,3 +45,7 @@ def main(argv=None):
     module.main(_CONFIG.value, _WORKDIR.value)
 
   app.run(run, argv=[f"isr-dpo {command}"] + rest)
+
+
+if __name__ == "__main__":
+  main()

@@ -35,7 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Either a synthetic world (a ConfigDict, see `world`) or None with
   # model.checkpoint / data.prompts / data.video_root set.
   c.world = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
-  c.model = dict(checkpoint="")  # pi_0: HF or original-layout directory
+  c.model = dict(
+      checkpoint="",  # pi_0: HF or original-layout directory
+      dtype="float32",  # compute dtype; parameters stay float32 (master weights)
+  )
   c.data = dict(
       prompts="",  # QA jsonl of (video, question) prompts
       video_root="",
@@ -87,7 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
       frozen=(r"^video_tower/",),  # LLaVA's SFT trains projector and LLM
   )
   c.eval = evaluate.default_config()
-  c.eval.enabled = True
+  c.eval.enabled = True  # evaluate pi_t at the start of each iteration
+  c.eval.params_dir = ""  # `isr-dpo eval`: a saved policy (iter_<t>/policy)
   c.eval.scoring = "match"
   c.eval.test_sets = []
   return c

@@ -1,4 +1,6 @@
-"""VideoQA evaluation: answers, judged or matched, into a results table.
+"""VideoQA evaluation: `isr-dpo eval --config=... --workdir=...`.
+
+Answers, judged or matched, into a results table.
 
 Per test set, predictions and judgments are appended to
 `{workdir}/{test set}/predictions.jsonl` and `judgments.jsonl` as they come,
@@ -10,6 +12,7 @@ Scores come from the caption-grounded judge of `eval.judge_prompt` (any
 (the synthetic world's), from a checker without any judge.
 """
 import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -17,7 +20,14 @@ from pathlib import Path
 
 from ml_collections import config_dict
 
+from isr_dpo_jax import bootstrap
+from isr_dpo_jax import distributed
+from isr_dpo_jax import parallel
+from isr_dpo_jax import policy as policy_lib
+from isr_dpo_jax import sampling
 from isr_dpo_jax.data import records
+from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.data import video as video_lib
 from isr_dpo_jax.eval import judge_client
 from isr_dpo_jax.eval import judge_prompt
 from isr_dpo_jax.eval import scoring
@@ -49,6 +59,51 @@ def default_config() -> config_dict.ConfigDict:
           batch_size=64,  # prompts per judge call (judgments saved after each)
       ),
   ))
+
+
+def main(config: config_dict.ConfigDict, workdir: str) -> None:
+  """Evaluates the config's policy: its pi_0, or the params in eval.params_dir."""
+  logging.getLogger().setLevel(logging.INFO)
+  distributed.initialize()
+  workdir = Path(workdir)
+  setup = bootstrap.prepare(config, workdir)
+  mesh = parallel.make_mesh(dict(config.mesh))
+  policy = policy_lib.Policy.from_config(config, setup, mesh,
+                                         config.eval.get("params_dir") or None)
+  evaluate_policy(policy, config, setup.test_sets, workdir)
+  print((workdir / "results.md").read_text())
+
+
+def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
+                    test_sets: Sequence[str], workdir: str | os.PathLike[str]
+                    ) -> list[dict]:
+  """Greedy answers of `policy` on `test_sets`, scored as config.eval says.
+
+  A test video that does not decode is logged and answered with "".
+  """
+  greedy = sampling.SamplingParams(
+      temperature=0.0, max_new_tokens=config.sampling.answer.max_new_tokens)
+
+  def answer_fn(batch):
+    pixels, ok = [], []
+    for r in batch:
+      try:
+        pixels.append(policy.video(r.video))
+        ok.append(r)
+      except video_lib.VideoError as e:
+        logging.warning("eval: skipping %s: %s", r.id, e)
+    uids = [policy_lib.stable_uid("eval", r.id) for r in ok]
+    samples = policy.sample([r.question for r in ok], pixels, uids, greedy) if ok else []
+    texts = {r.id: s[0].text for r, s in zip(ok, samples)}
+    return [texts.get(r.id, "") for r in batch]
+
+  eval_config = config_dict.ConfigDict(config.eval)
+  eval_config.test_sets = list(test_sets)
+  checker = (scoring.keyword_match if config.get("world") is None
+             else synthetic.answer_is_correct)
+  rows = evaluate(eval_config, workdir, answer_fn, checker=checker,
+                  tokenizer=policy.tokenizer)
+  return [dataclasses.asdict(row) for row in rows]
 
 
 def openai_judge(config: config_dict.ConfigDict,

@@ -19,6 +19,7 @@ import pathlib
 
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -29,12 +30,9 @@ from isr_dpo_jax import models
 from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import report
-from isr_dpo_jax import sampling
 from isr_dpo_jax import stages
 from isr_dpo_jax import train
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
-from isr_dpo_jax.data import video as video_lib
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -50,22 +48,28 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[dict]:
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh(dict(config.mesh))
   setup = bootstrap.prepare(config, workdir)
-  items = read_prompts(setup.prompts, setup.video_root, config.data.max_error_rate)
+  items, skipped = read_prompts(setup.prompts, setup.video_root,
+                                config.data.max_error_rate, workdir)
   summaries = []
   for t in range(config.iterations):
-    summaries.append(iteration(t, config, workdir, mesh, setup, items))
+    summaries.append(iteration(t, config, workdir, mesh, setup, items, skipped))
     report.write(workdir, summaries)
   final = workdir / f"iter_{config.iterations - 1}" / "eval_final"
   if config.eval.enabled and config.iterations and "eval_final" not in summaries[-1]:
     policy = load_policy(config, workdir, mesh, setup, config.iterations)
-    summaries[-1]["eval_final"] = evaluate_policy(policy, config, setup, final)
+    summaries[-1]["eval_final"] = evaluate.evaluate_policy(policy, config, setup.test_sets, final)
     _write_summary(workdir / f"iter_{config.iterations - 1}", summaries[-1])
     report.write(workdir, summaries)
   return summaries
 
 
-def read_prompts(path, video_root, max_error_rate) -> list[dict]:
-  """(video, question) items of a QA jsonl; bad lines are logged and counted."""
+def read_prompts(path, video_root, max_error_rate, workdir: pathlib.Path
+                 ) -> tuple[list[dict], dict[str, int]]:
+  """(video, question) items of a QA jsonl, and bad lines counted by reason.
+
+  Bad lines (malformed, missing fields, missing videos) are named in
+  `<workdir>/prompt_errors.jsonl`; past `max_error_rate` the run stops.
+  """
   report_ = records.ReadReport()
   items = []
   for line, record in records.iter_jsonl(path, "qa", report_, video_root):
@@ -74,10 +78,12 @@ def read_prompts(path, video_root, max_error_rate) -> list[dict]:
                       question=question.replace("<video>", "").strip(),
                       file=str(path), line=line))
     report_.keep(record)
+  if jax.process_index() == 0:
+    records.write_errors(workdir / "prompt_errors.jsonl", report_)
   if report_.errors:
     logging.warning("prompts: %s", report_.summary())
   report_.check(max_error_rate)
-  return items
+  return items, dict(report_.counts)
 
 
 def select(items: list[dict], config, t: int) -> list[dict]:
@@ -91,15 +97,11 @@ def select(items: list[dict], config, t: int) -> list[dict]:
 def load_policy(config, workdir, mesh, setup: bootstrap.Setup, t: int) -> policy_lib.Policy:
   """pi_t: pi_0 from its checkpoint, later ones with iteration t-1's params."""
   params_dir = workdir / f"iter_{t - 1}" / "policy" if t > 0 else None
-  return policy_lib.Policy.load(
-      setup.init_checkpoint, mesh=mesh, template=config.data.template,
-      video_root=setup.video_root, batch_size=config.sampling.batch_size,
-      buckets=config.sampling.buckets, max_length=config.data.max_length,
-      params_dir=params_dir)
+  return policy_lib.Policy.from_config(config, setup, mesh, params_dir)
 
 
 def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setup,
-              items: list[dict]) -> dict:
+              items: list[dict], prompts_skipped: dict[str, int]) -> dict:
   """One ISR-DPO iteration; a finished one is read back from its summary."""
   it_dir = workdir / f"iter_{t}"
   summary_path = it_dir / "summary.json"
@@ -108,9 +110,10 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   it_dir.mkdir(parents=True, exist_ok=True)
   seed = config.seed * 1000 + t
   policy = load_policy(config, workdir, mesh, setup, t)
-  summary = dict(iteration=t)
+  summary = dict(iteration=t, prompts_skipped=prompts_skipped)
   if config.eval.enabled:
-    summary["eval"] = evaluate_policy(policy, config, setup, it_dir / "eval")
+    summary["eval"] = evaluate.evaluate_policy(policy, config, setup.test_sets,
+                                                it_dir / "eval")
 
   errors = stages.ErrorLog(it_dir / "errors.jsonl")
   prompts = select(items, config, t)
@@ -130,7 +133,9 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   trainer = train.Trainer(policy.model, train_config(config), mesh,
                           total_steps=max(num_steps, 1))
   reference = (policy.model if config.dpo.reference == "previous" else
-               models.load_pretrained(setup.init_checkpoint, mesh=mesh))
+               models.load_pretrained(setup.init_checkpoint, mesh=mesh,
+                                      dtype=jnp.dtype(config.model.dtype),
+                                      param_dtype=jnp.float32))
   pairs = stages.reference_logps(pairs, it_dir / "pairs.jsonl", policy, trainer,
                                  nnx.to_pure_dict(nnx.state(reference)),
                                  config.train.batch_size, errors)
@@ -180,30 +185,3 @@ def train_config(config) -> train.TrainConfig:
       packed=tr.packed, beta=d.beta, loss_type=d.loss_type,
       label_smoothing=d.label_smoothing, length_penalty=d.length_penalty,
       length_normalized=d.length_normalized, dpo_alpha=d.dpo_alpha, gamma=d.gamma)
-
-
-def evaluate_policy(policy: policy_lib.Policy, config, setup: bootstrap.Setup,
-                    workdir: pathlib.Path) -> list[dict]:
-  """Greedy answers on the config's test sets, scored by match or by a judge."""
-  greedy = sampling.SamplingParams(temperature=0.0,
-                                   max_new_tokens=config.sampling.answer.max_new_tokens)
-
-  def answer_fn(batch):
-    pixels, ok = [], []
-    for r in batch:
-      try:
-        pixels.append(policy.video(r.video))
-        ok.append(r)
-      except video_lib.VideoError as e:
-        logging.warning("eval: %s: %s", r.id, e)
-    uids = [policy_lib.stable_uid("eval", r.id) for r in ok]
-    texts = {r.id: s[0].text for r, s in zip(
-        ok, policy.sample([r.question for r in ok], pixels, uids, greedy))}
-    return [texts.get(r.id, "") for r in batch]
-
-  eval_config = ml_collections.ConfigDict(config.eval)
-  eval_config.test_sets = list(setup.test_sets)
-  rows = evaluate.evaluate(eval_config, workdir, answer_fn,
-                           checker=synthetic.answer_is_correct,
-                           tokenizer=policy.tokenizer)
-  return [dataclasses.asdict(row) for row in rows]

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 import orbax.checkpoint as ocp
 
+from isr_dpo_jax import bootstrap
 from isr_dpo_jax import generate
 from isr_dpo_jax import models
 from isr_dpo_jax import sampling
@@ -65,8 +66,12 @@ class Policy:
            buckets: Sequence[int], max_length: int = 2048,
            params_dir: str | os.PathLike | None = None,
            dtype=jnp.float32) -> "Policy":
-    """pi_0 from a checkpoint directory; pi_t with the params saved in params_dir."""
-    model = models.load_pretrained(checkpoint, dtype=dtype, mesh=mesh)
+    """pi_0 from a checkpoint directory; pi_t with the params saved in params_dir.
+
+    `dtype` is the compute dtype; parameters stay float32 (master weights).
+    """
+    model = models.load_pretrained(checkpoint, dtype=dtype, param_dtype=jnp.float32,
+                                   mesh=mesh)
     if params_dir is not None:
       load_params(model, params_dir)
     tokenizer = models.load_tokenizer(checkpoint)
@@ -76,6 +81,16 @@ class Policy:
         model.config.num_video_tokens, max_length=max_length)
     return cls(model, tokenizer, encoder, sampling.Sampler(model, mesh),
                pathlib.Path(video_root), batch_size, tuple(buckets))
+
+  @classmethod
+  def from_config(cls, config, setup: bootstrap.Setup, mesh,
+                  params_dir: str | os.PathLike | None = None) -> "Policy":
+    """The run's pi_0, or the policy saved in `params_dir`."""
+    return cls.load(
+        setup.init_checkpoint, mesh=mesh, template=config.data.template,
+        video_root=setup.video_root, batch_size=config.sampling.batch_size,
+        buckets=config.sampling.buckets, max_length=config.data.max_length,
+        params_dir=params_dir, dtype=jnp.dtype(config.model.dtype))
 
   @property
   def stop_ids(self) -> tuple[int, ...]:

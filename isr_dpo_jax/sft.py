@@ -11,6 +11,7 @@ import os
 import pathlib
 
 from flax import nnx
+import jax.numpy as jnp
 import ml_collections
 
 from isr_dpo_jax import bootstrap
@@ -40,7 +41,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
     return out
   mesh = parallel.make_mesh(dict(config.mesh))
   setup = bootstrap.prepare(config, workdir)
-  model = models.load_pretrained(setup.init_checkpoint, mesh=mesh)
+  model = models.load_pretrained(setup.init_checkpoint, mesh=mesh,
+                                 dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.float32)
   tokenizer = models.load_tokenizer(setup.init_checkpoint)
   tokenize.add_video_token(tokenizer)
   encoder = tokenize.TextEncoder(

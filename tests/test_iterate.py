@@ -1,13 +1,19 @@
 """The ISR-DPO loop end to end on configs/smoke.py: artifacts, resume, bad input."""
-import json
 import importlib.util
+import json
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
+import jax
 import numpy as np
 import pytest
 
 from flax import nnx
 
+from isr_dpo_jax import bootstrap
 from isr_dpo_jax import iterate
 from isr_dpo_jax import models
 from isr_dpo_jax import policy as policy_lib
@@ -86,3 +92,88 @@ def test_policy_changes_across_iterations(smoke_run):
   assert np.abs(llm(pi_1) - llm(pi_0)).max() > 0
   assert np.abs(llm(pi_2) - llm(pi_1)).max() > 0
   np.testing.assert_array_equal(tower(pi_2), tower(pi_0))  # frozen by default
+
+
+def _cli(workdir, *overrides) -> list[str]:
+  return [sys.executable, "-m", "isr_dpo_jax.cli", "iterate",
+          f"--config={REPO / 'configs' / 'smoke.py'}", f"--workdir={workdir}",
+          *overrides]
+
+
+def _lines(path: pathlib.Path) -> int:
+  return path.read_text().count("\n") if path.exists() else 0
+
+
+def _run_until(command, condition, timeout=300) -> bool:
+  """Runs `command`; kill -9 once `condition()` holds. True if it was killed."""
+  proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  deadline = time.monotonic() + timeout
+  while proc.poll() is None and time.monotonic() < deadline:
+    if condition():
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      return True
+    time.sleep(0.02)
+  if proc.poll() is None:
+    proc.kill()
+    raise TimeoutError(f"{command} ran past {timeout}s")
+  assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]
+  return False
+
+
+def test_killed_run_resumes_to_the_same_pairs_and_parameters(smoke_run, tmp_path):
+  baseline, _ = smoke_run
+  it = tmp_path / "iter_0"
+  command = _cli(tmp_path, "--config.train.checkpoint_every=1")
+  kill_points = {
+      "generation": lambda: _lines(it / "responses.jsonl") >= 8,
+      "judging": lambda: _lines(it / "judgments.jsonl") >= 8,
+      "training": lambda: any((it / "checkpoints").glob("1")),
+  }
+  killed = {name: _run_until(command, cond) for name, cond in kill_points.items()}
+  assert all(killed.values()), killed  # each run died where it was meant to
+  assert not _run_until(command, lambda: False)  # the last run finishes
+  for t in (0, 1):
+    for name in ("responses.jsonl", "contexts.jsonl", "judgments.jsonl", "pairs.jsonl"):
+      assert (read_jsonl(tmp_path / f"iter_{t}" / name)
+              == read_jsonl(baseline / f"iter_{t}" / name)), (t, name)
+  resumed, uninterrupted = policy_params(tmp_path, 1), policy_params(baseline, 1)
+  for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bad_prompts_are_skipped_named_and_counted(tmp_path):
+  run = tmp_path / "run"
+  world = bootstrap.write_world(smoke_config().world, run / "world")
+  videos = world["video_root"]
+  (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))
+  good = world["train_qa"].read_text().splitlines()[:6]
+  record = json.loads(good[0])
+  bad = [
+      b"{not json",
+      b'{"id": "\xff\xfe"}',
+      json.dumps({"id": "no_conversations", "video": record["video"]}).encode(),
+      json.dumps(dict(record, id="missing_video", video="nowhere.mp4")).encode(),
+      json.dumps(dict(record, id="corrupt_video", video="corrupt.mp4")).encode(),
+  ]
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_bytes(b"\n".join([g.encode() for g in good[:3]] + bad +
+                                 [g.encode() for g in good[3:]]) + b"\n")
+  summaries = iterate.run(smoke_config(**{
+      "iterations": 1, "data.prompts": str(prompts), "data.max_error_rate": 0.5,
+      "data.prompts_per_iteration": 0}), run)
+  skipped = read_jsonl(run / "prompt_errors.jsonl")
+  assert [(e["line"], e["reason"]) for e in skipped] == [
+      (4, "bad_json"), (5, "not_utf8"), (6, "missing_field"),
+      (7, "missing_video")]
+  assert all(e["path"] == str(prompts) for e in skipped)
+  errors = read_jsonl(run / "iter_0" / "errors.jsonl")
+  # Its answers and its video's context are skipped; the judge never sees it.
+  corrupt = {(e["stage"], e["id"]) for e in errors
+             if e["reason"] == "bad_video" and e["line"] == 8}
+  assert corrupt == {("responses", "corrupt_video"), ("contexts", "corrupt.mp4")}
+  summary = summaries[0]
+  assert sum(summary["prompts_skipped"].values()) == 4
+  responses = next(s for s in summary["stages"] if s["stage"] == "responses")
+  assert responses["dropped"] == {"bad_video": 1} and responses["records_out"] == 6

@@ -1,0 +1,39 @@
+"""`isr-dpo eval` on a tiny model and the synthetic world's held-out split."""
+import importlib.util
+import json
+import pathlib
+
+from isr_dpo_jax import bootstrap
+from isr_dpo_jax import evaluate
+from isr_dpo_jax import parallel
+from isr_dpo_jax import policy as policy_lib
+from isr_dpo_jax.data import synthetic
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_tiny_model_table_is_right_and_survives_a_kill(tmp_path):
+  spec = importlib.util.spec_from_file_location("smoke", REPO / "configs" / "smoke.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  setup = bootstrap.prepare(config, tmp_path)
+  policy = policy_lib.Policy.from_config(config, setup, parallel.make_mesh(dict(config.mesh)))
+  [row] = evaluate.evaluate_policy(policy, config, setup.test_sets, tmp_path / "eval")
+
+  test_records = [json.loads(line) for line in open(setup.test_sets[0])]
+  predictions_path = next((tmp_path / "eval").glob("*/predictions.jsonl"))
+  predictions = {r["id"]: r["prediction"] for r in map(json.loads, open(predictions_path))}
+  correct = [synthetic.answer_is_correct(predictions[r["id"]],
+                                         r["conversations"][1]["value"])
+             for r in test_records]
+  assert row["n"] == len(test_records) == len(predictions)
+  assert row["accuracy"] == sum(correct) / len(correct)
+  table = (tmp_path / "eval" / "results.md").read_text()
+
+  # A kill mid-way: half the predictions and a cut line remain.
+  lines = predictions_path.read_text().splitlines(keepends=True)
+  predictions_path.write_text("".join(lines[:len(lines) // 2]) + lines[-1][:10])
+  [again] = evaluate.evaluate_policy(policy, config, setup.test_sets, tmp_path / "eval")
+  assert again == row
+  assert (tmp_path / "eval" / "results.md").read_text() == table
