@@ -57,6 +57,10 @@ def default_config() -> config_dict.ConfigDict:
           timeout_s=60.0,
           backoff_s=1.0,
           batch_size=64,  # prompts per judge call (judgments saved after each)
+          # `isr-dpo eval` with a local judge instead of the endpoint: "policy"
+          # (the evaluated model itself, for quick looks) or a checkpoint dir.
+          local="",
+          max_new_tokens=128,
       ),
   ))
 
@@ -70,13 +74,27 @@ def main(config: config_dict.ConfigDict, workdir: str) -> None:
   mesh = parallel.make_mesh(dict(config.mesh))
   policy = policy_lib.Policy.from_config(config, setup, mesh,
                                          config.eval.get("params_dir") or None)
-  evaluate_policy(policy, config, setup.test_sets, workdir)
+  judge = None
+  if config.eval.scoring == "judge" and config.eval.judge.local:
+    judge_policy = policy if config.eval.judge.local == "policy" else (
+        policy_lib.Policy.load(
+            config.eval.judge.local, mesh=mesh, template=config.data.template,
+            video_root=setup.video_root, batch_size=config.sampling.batch_size,
+            buckets=config.sampling.buckets))
+    judge = local_judge(judge_policy, config.eval.judge.max_new_tokens)
+  evaluate_policy(policy, config, setup.test_sets, workdir, judge=judge)
   print((workdir / "results.md").read_text())
 
 
+def local_judge(policy: policy_lib.Policy, max_new_tokens: int) -> judge_client.Judge:
+  """A judge run by this project: a local checkpoint writes the verdicts, greedily."""
+  greedy = sampling.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+  return lambda prompts: policy.complete(list(prompts), greedy)
+
+
 def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
-                    test_sets: Sequence[str], workdir: str | os.PathLike[str]
-                    ) -> list[dict]:
+                    test_sets: Sequence[str], workdir: str | os.PathLike[str], *,
+                    judge: judge_client.Judge | None = None) -> list[dict]:
   """Greedy answers of `policy` on `test_sets`, scored as config.eval says.
 
   A test video that does not decode is logged and answered with "".
@@ -101,7 +119,7 @@ def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
   eval_config.test_sets = list(test_sets)
   checker = (scoring.keyword_match if config.get("world") is None
              else synthetic.answer_is_correct)
-  rows = evaluate(eval_config, workdir, answer_fn, checker=checker,
+  rows = evaluate(eval_config, workdir, answer_fn, judge=judge, checker=checker,
                   tokenizer=policy.tokenizer)
   return [dataclasses.asdict(row) for row in rows]
 

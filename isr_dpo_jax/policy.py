@@ -115,6 +115,17 @@ class Policy:
         batch_size=self.batch_size, num_samples=num_samples, seed=seed,
         buckets=self.buckets, progress=False))
 
+  def complete(self, texts: Sequence[str], params: sampling.SamplingParams, *,
+               seed: int = 0) -> list[str]:
+    """One answer per text-only question (no video), e.g. as an answer judge."""
+    prompts = [generate.Prompt(self.encoder.prompt(t, with_video=False), None,
+                               stable_uid("complete", t)) for t in texts]
+    params = dataclasses.replace(params, stop_ids=self.stop_ids,
+                                 banned_ids=(self.model.config.video_token_id,))
+    return [s[0].text for s in generate.generate(
+        self.sampler, prompts, params, tokenizer=self.tokenizer,
+        batch_size=self.batch_size, seed=seed, buckets=self.buckets, progress=False)]
+
   def letter_ids(self, letters: Sequence[str]) -> list[int]:
     """The token each letter starts with when it opens the answer (" A")."""
     ids = []

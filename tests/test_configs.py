@@ -1,6 +1,4 @@
 """Every config builds; the 7B one abstractly (mesh, shapes, shardings, no weights)."""
-import importlib.util
-import pathlib
 
 from flax import nnx
 import jax
@@ -8,31 +6,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
 from isr_dpo_jax import iterate
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
 from isr_dpo_jax import train
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
-
-def load(name):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.py")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in conftest.CONFIGS.glob("*.py")))
 def test_config_loads_and_trains_with_a_valid_recipe(name):
-  config = load(name)
+  config = conftest.load_config(name)
   train_config = iterate.train_config(config)
   assert train_config.loss_type in ("sigmoid", "ipo", "hinge")
   assert config.sampling.batch_size % 8 == 0  # divides the CPU test mesh
 
 
 def test_video_llava_7b_builds_its_mesh_shapes_and_shardings_abstractly():
-  config = load("video_llava_7b")
+  config = conftest.load_config("video_llava_7b")
   mesh = parallel.make_mesh(dict(config.mesh))  # 8 CPU devices: fsdp 8
   assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
   model = nnx.eval_shape(lambda: models.VideoLlava(

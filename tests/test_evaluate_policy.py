@@ -1,7 +1,5 @@
 """`isr-dpo eval` on a tiny model and the synthetic world's held-out split."""
-import importlib.util
 import json
-import pathlib
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import evaluate
@@ -9,14 +7,9 @@ from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax.data import synthetic
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
-
-def test_tiny_model_table_is_right_and_survives_a_kill(tmp_path):
-  spec = importlib.util.spec_from_file_location("smoke", REPO / "configs" / "smoke.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+def test_tiny_model_table_is_right_and_survives_a_kill(tmp_path, load_config):
+  config = load_config("smoke")
   setup = bootstrap.prepare(config, tmp_path)
   policy = policy_lib.Policy.from_config(config, setup, parallel.make_mesh(dict(config.mesh)))
   [row] = evaluate.evaluate_policy(policy, config, setup.test_sets, tmp_path / "eval")
@@ -37,3 +30,18 @@ def test_tiny_model_table_is_right_and_survives_a_kill(tmp_path):
   [again] = evaluate.evaluate_policy(policy, config, setup.test_sets, tmp_path / "eval")
   assert again == row
   assert (tmp_path / "eval" / "results.md").read_text() == table
+
+
+def test_local_model_judge_scores_or_counts_every_answer(tmp_path, load_config):
+  config = load_config("smoke")
+  config.eval.scoring = "judge"
+  setup = bootstrap.prepare(config, tmp_path)
+  policy = policy_lib.Policy.from_config(config, setup, parallel.make_mesh(dict(config.mesh)))
+  judge = evaluate.local_judge(policy, max_new_tokens=8)
+  [row] = evaluate.evaluate_policy(policy, config, setup.test_sets, tmp_path / "eval",
+                                   judge=judge)
+  judgments = [json.loads(line) for line in next(
+      (tmp_path / "eval").glob("*/judgments.jsonl")).open()]
+  assert len(judgments) == row["n"]  # the local judge answers every prompt
+  assert row["scored"] + row["parse_failures"] == row["n"]
+  assert row["parse_failures"] == sum(j["score"] is None for j in judgments)

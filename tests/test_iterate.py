@@ -1,5 +1,4 @@
 """The ISR-DPO loop end to end on configs/smoke.py: artifacts, resume, bad input."""
-import importlib.util
 import json
 import pathlib
 import signal
@@ -13,6 +12,7 @@ import pytest
 
 from flax import nnx
 
+import conftest
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import iterate
 from isr_dpo_jax import models
@@ -22,12 +22,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def smoke_config(**overrides):
-  spec = importlib.util.spec_from_file_location("smoke", REPO / "configs" / "smoke.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.update_from_flattened_dict(overrides)
-  return config
+  return conftest.load_config("smoke", **overrides)
 
 
 def read_jsonl(path):
