@@ -92,9 +92,10 @@ class Policy:
         buckets=config.sampling.buckets, max_length=config.data.max_length,
         params_dir=params_dir, dtype=jnp.dtype(config.model.dtype))
 
-  @property
-  def stop_ids(self) -> tuple[int, ...]:
-    return (self.tokenizer.eos_token_id,)
+  def _stopping(self, params: sampling.SamplingParams) -> sampling.SamplingParams:
+    """Stops at eos; never writes the video placeholder."""
+    return dataclasses.replace(params, stop_ids=(self.tokenizer.eos_token_id,),
+                               banned_ids=(self.model.config.video_token_id,))
 
   def video(self, name: str) -> np.ndarray:
     """float32 [T, S, S, 3] pixels of a video; raises video.VideoError."""
@@ -108,8 +109,7 @@ class Policy:
     """`num_samples` answers per (question, video), in order, from one prefill."""
     prompts = [generate.Prompt(self.encoder.prompt(q), v, uid)
                for q, v, uid in zip(questions, videos, uids, strict=True)]
-    params = dataclasses.replace(params, stop_ids=self.stop_ids,
-                                 banned_ids=(self.model.config.video_token_id,))
+    params = self._stopping(params)
     return list(generate.generate(
         self.sampler, prompts, params, tokenizer=self.tokenizer,
         batch_size=self.batch_size, num_samples=num_samples, seed=seed,
@@ -120,8 +120,7 @@ class Policy:
     """One answer per text-only question (no video), e.g. as an answer judge."""
     prompts = [generate.Prompt(self.encoder.prompt(t, with_video=False), None,
                                stable_uid("complete", t)) for t in texts]
-    params = dataclasses.replace(params, stop_ids=self.stop_ids,
-                                 banned_ids=(self.model.config.video_token_id,))
+    params = self._stopping(params)
     return [s[0].text for s in generate.generate(
         self.sampler, prompts, params, tokenizer=self.tokenizer,
         batch_size=self.batch_size, seed=seed, buckets=self.buckets, progress=False)]
