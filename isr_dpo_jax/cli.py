@@ -10,6 +10,8 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from isr_dpo_jax import distributed
+
 # command -> (module, what it does); each module has `main(config, workdir)`.
 COMMANDS = {
     "iterate": ("isr_dpo_jax.iterate", "run ISR-DPO iterations"),
@@ -21,6 +23,11 @@ DEFAULT_CONFIGS = {"demo": "configs/demo.py"}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the run writes everything")
+# Multi-process jobs; without these, distributed.initialize reads the
+# environment (launch/local.sh, Slurm, Open MPI, a TPU VM).
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 
 
 def _usage() -> str:
@@ -42,6 +49,7 @@ def main(argv=None):
   def run(_):
     if _CONFIG.value is None or _WORKDIR.value is None:
       raise app.UsageError("--config and --workdir are required\n" + _usage())
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     module.main(_CONFIG.value, _WORKDIR.value)
 
   app.run(run, argv=[f"isr-dpo {command}"] + rest)

@@ -21,7 +21,6 @@ from pathlib import Path
 from ml_collections import config_dict
 
 from isr_dpo_jax import bootstrap
-from isr_dpo_jax import distributed
 from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
@@ -68,7 +67,6 @@ def default_config() -> config_dict.ConfigDict:
 def main(config: config_dict.ConfigDict, workdir: str) -> None:
   """Evaluates the config's policy: its pi_0, or the params in eval.params_dir."""
   logging.getLogger().setLevel(logging.INFO)
-  distributed.initialize()
   workdir = Path(workdir)
   setup = bootstrap.prepare(config, workdir)
   mesh = parallel.make_mesh(dict(config.mesh))

@@ -24,7 +24,6 @@ import ml_collections
 import numpy as np
 
 from isr_dpo_jax import bootstrap
-from isr_dpo_jax import distributed
 from isr_dpo_jax import evaluate
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
@@ -38,7 +37,6 @@ from isr_dpo_jax.data import records
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-  distributed.initialize()
   run(config, workdir)
 
 

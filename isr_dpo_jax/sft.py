@@ -16,7 +16,6 @@ import ml_collections
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import checkpoint
-from isr_dpo_jax import distributed
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
@@ -29,7 +28,6 @@ from isr_dpo_jax.data import tokenize
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-  distributed.initialize()
   run(config, workdir)
 
 
