@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tqdm
 import transformers
@@ -59,18 +60,25 @@ def prompt_uid(prompt: Prompt, position: int) -> int:
   return position * jax.process_count() + jax.process_index()
 
 
-def _videos(prompts: Sequence[Prompt], batch_size: int, first_position: int):
-  """[batch_size, T, H, W, 3] (zeros on dummy rows), or None without videos."""
-  has_video = [p.video is not None for p in prompts]
-  if not any(has_video):
-    return None
-  if not all(has_video):
-    missing = [first_position + i for i, v in enumerate(has_video) if not v]
+def _videos(prompts: Sequence[Prompt], batch_size: int, first_position: int,
+            video_shape: tuple[int, ...]) -> np.ndarray:
+  """[batch_size, T, H, W, 3] videos of the prompts; zeros on dummy rows."""
+  missing = [first_position + i for i, p in enumerate(prompts)
+             if p.video is None]
+  if missing:
     raise ValueError(f"prompts {missing} have no video but others in their "
                      "batch do; give every prompt of a stage a video or none")
-  videos = np.zeros((batch_size, *prompts[0].video.shape), np.float32)
-  videos[:len(prompts)] = np.stack([p.video for p in prompts])
+  videos = np.zeros((batch_size, *video_shape), np.float32)
+  if prompts:
+    videos[:len(prompts)] = np.stack([p.video for p in prompts])
   return videos
+
+
+def _agreed(local: np.ndarray) -> np.ndarray:
+  """The elementwise maximum of `local` over all processes."""
+  if jax.process_count() == 1:
+    return local
+  return multihost_utils.process_allgather(local).max(axis=0)
 
 
 def _sample(out: sampling.Generation, row: int,
@@ -96,18 +104,30 @@ class _Batch:
 
 def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
              batch_size: int, pad_id: int, buckets: Sequence[int]):
+  vision = sampler.config.vision
+  video_shape = (vision.num_frames, vision.image_size, vision.image_size, 3)
   position = 0
   stream = iter(prompts)
-  while batch := list(itertools.islice(stream, batch_size)):
-    videos = _videos(batch, batch_size, position)
-    offset = 0 if videos is None else sampler.config.num_video_tokens
-    rows = batching.collate_prompts(
-        [np.asarray(p.token_ids, np.int32) for p in batch], batch_size,
-        pad_id, buckets, prompt_offset=offset)
+  while True:
+    batch = list(itertools.islice(stream, batch_size))
+    longest = max((len(p.token_ids) for p in batch), default=1)
+    any_video = any(p.video is not None for p in batch)
+    real_anywhere, longest, any_video = _agreed(
+        np.array([len(batch), longest, any_video]))
+    if not real_anywhere:
+      return
+    videos = (_videos(batch, batch_size, position, video_shape) if any_video
+              else None)
+    offset = sampler.config.num_video_tokens if any_video else 0
+    ids, mask = batching.pad(
+        [np.asarray(p.token_ids, np.int32) for p in batch],
+        batching.bucket_length(longest, buckets, offset), pad_id, left=True,
+        batch_size=batch_size)
     uids = np.zeros(batch_size, np.int32)
     uids[:len(batch)] = [prompt_uid(p, position + i)
                          for i, p in enumerate(batch)]
-    yield _Batch(position, len(batch), rows, videos, uids)
+    yield _Batch(position, len(batch), batching.PromptBatch(ids, mask), videos,
+                 uids)
     position += len(batch)
 
 
