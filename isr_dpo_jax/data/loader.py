@@ -10,17 +10,21 @@ a source into the batches of a task:
   "preference": PreferenceBatch of DPO records (training)
   "sft":        SftBatch of QA conversations (supervised warm start)
 
-Order of operations, all lazy: the indices 0..N-1 are sharded per host
-(`process_index::process_count`), shuffled by `seed` (a new order every
-epoch), repeated, and padded so that every host yields the same number of
-batches; then records are read, tokenised and collated. A record that fails
-to load (a video that does not decode, a text that does not fit) becomes a
-dummy row (all masks False), is logged and counted in `loader.report`. The
-iterator's state (`get_state` / `set_state`) is a few integers, saved with
-the training checkpoint, and restoring it resumes exactly.
+Order of operations, all lazy: the indices 0..N-1 are shuffled by `seed` (a
+new order every epoch), repeated and padded to whole global batches of
+`batch_size * process_count` indices; each host takes its own `batch_size`
+of every global batch (host p the p-th block), so the global batches are the
+same whatever the number of hosts. Then records are read, tokenised and
+collated. A record that fails to load (a video that does not decode, a text
+that does not fit) becomes a dummy row (all masks False), is logged and
+counted in `loader.report`. The iterator's state (`get_state` / `set_state`)
+is a few integers, saved with the training checkpoint, and restoring it
+resumes exactly.
 
-`batch_size` is per host. Frames stay uint8 to keep host-to-device transfers
-small; video.normalize finishes the preprocessing on the device.
+`batch_size` is per host. In a multi-process job the hosts agree on the
+padded lengths of every batch (the longest any host chose), so that their
+rows form one global array. Frames stay uint8 to keep host-to-device
+transfers small; video.normalize finishes the preprocessing on the device.
 """
 from collections.abc import Sequence
 import dataclasses
@@ -32,6 +36,7 @@ from typing import Any, NamedTuple
 
 import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from isr_dpo_jax.data import batching
@@ -104,6 +109,16 @@ def _tokens(task: str, encoder: tokenize.TextEncoder, record):
   return encoder.sft(records.conversation_turns(record["conversations"]))
 
 
+def _host_rows(indices: grain.MapDataset, batch_size: int, process_index: int,
+               process_count: int) -> grain.MapDataset:
+  """Host `process_index`'s block of `batch_size` in each global batch."""
+  def global_position(k):
+    step, row = divmod(k, batch_size)
+    return (step * process_count + process_index) * batch_size + row
+  return grain.MapDataset.range(len(indices) // process_count).map(
+      lambda k: indices[global_position(k)])
+
+
 def _load(index: int, source, task, encoder):
   """An example, a RecordError for a record that fails, None for padding."""
   if index < 0:
@@ -168,8 +183,9 @@ class Loader:
       num_epochs: passes over the data; None repeats forever.
       buckets: length buckets of prompts (after the video tokens) and
         responses.
-      process_index: this host's shard; default jax.process_index().
-      process_count: the number of shards; default jax.process_count().
+      process_index: which block of every global batch this host takes;
+        default jax.process_index().
+      process_count: the number of hosts; default jax.process_count().
       num_threads: threads reading and decoding records.
       worker_count: worker processes; > 0 needs absl flags parsed, as grain
         requires.
@@ -181,18 +197,20 @@ class Loader:
     process_count = (jax.process_count() if process_count is None
                      else process_count)
     self.report = records.ReadReport()
-    indices = grain.MapDataset.range(len(source))[process_index::process_count]
+    indices = grain.MapDataset.range(len(source))
     if shuffle:
       indices = indices.shuffle(seed=seed)
     if num_epochs is None:
       indices = indices.repeat()
       self._num_batches = None
     else:
-      per_host = math.ceil(len(source) / process_count) * num_epochs
-      padding = [-1] * (per_host - len(indices) * num_epochs)
+      global_batch = batch_size * process_count
+      self._num_batches = math.ceil(len(source) * num_epochs / global_batch)
+      padding = [-1] * (self._num_batches * global_batch
+                        - len(source) * num_epochs)
       indices = grain.MapDataset.concatenate(
           [indices.repeat(num_epochs), grain.MapDataset.source(padding)])
-      self._num_batches = math.ceil(per_host / batch_size)
+    indices = _host_rows(indices, batch_size, process_index, process_count)
     load = functools.partial(_load, source=source, task=task, encoder=encoder)
     collate = functools.partial(
         _collate, task=task, batch_size=batch_size,
@@ -205,6 +223,7 @@ class Loader:
       dataset = dataset.mp_prefetch(
           grain.MultiprocessingOptions(num_workers=worker_count))
     self.dataset = dataset
+    self._pad_id = encoder.tokenizer.pad_token_id
 
   def __len__(self) -> int:
     """Batches per host (the same on every host)."""
@@ -213,15 +232,16 @@ class Loader:
     return self._num_batches
 
   def __iter__(self) -> "_Iterator":
-    return _Iterator(iter(self.dataset), self.report)
+    return _Iterator(iter(self.dataset), self.report, self._pad_id)
 
 
 class _Iterator:
   """Grain's iterator, counting loaded and skipped records in a report."""
 
-  def __init__(self, batches, report: records.ReadReport):
+  def __init__(self, batches, report: records.ReadReport, pad_id: int):
     self._batches = batches
     self._report = report
+    self._pad_id = pad_id
 
   def __iter__(self):
     return self
@@ -232,6 +252,8 @@ class _Iterator:
     for error in batch.errors:
       self._report.skip(error.path, error.line,
                         records.BadRecord(error.reason, error.detail))
+    if jax.process_count() > 1:
+      batch = batch._replace(text=_pad_as_every_host(batch.text, self._pad_id))
     return batch
 
   def get_state(self) -> dict:
@@ -239,3 +261,22 @@ class _Iterator:
 
   def set_state(self, state: dict) -> None:
     self._batches.set_state(state)
+
+
+def _pad_as_every_host(text, pad_id: int):
+  """`text` padded to the longest length any host chose for each field.
+
+  Prompts are left-padded, responses and targets right-padded (batching's
+  contract); ids are padded with `pad_id`, masks with False.
+  """
+  names = [f.name for f in dataclasses.fields(text)]
+  lengths = np.array([getattr(text, name).shape[1] for name in names])
+  agreed = multihost_utils.process_allgather(lengths).max(axis=0)
+  padded = {}
+  for name, length in zip(names, agreed):
+    x = getattr(text, name)
+    missing = length - x.shape[1]
+    side = (missing, 0) if name.startswith("prompt_") else (0, missing)
+    fill = pad_id if name.endswith("_ids") else False
+    padded[name] = np.pad(x, [(0, 0), side], constant_values=fill)
+  return text.replace(**padded)
