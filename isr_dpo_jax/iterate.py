@@ -10,6 +10,10 @@ Iteration t, in `<workdir>/iter_<t>/` (METHOD.md section 1):
 
 Everything is written as it goes, so running the same command again after a
 kill continues where it stopped and ends with the same pairs and parameters.
+
+On several processes (launch/) every process runs this same loop: the stages
+split their batches over the processes and gather the results, process 0
+writes the files, and the others wait at a barrier before reading them.
 """
 import dataclasses
 import json
@@ -24,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from isr_dpo_jax import bootstrap
+from isr_dpo_jax import distributed
 from isr_dpo_jax import evaluate
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
@@ -45,19 +50,22 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[dict]:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh(dict(config.mesh))
+  if distributed.is_main_process():  # the others then find what it wrote
+    bootstrap.prepare(config, workdir)
+  distributed.barrier("prepare")
   setup = bootstrap.prepare(config, workdir)
   items, skipped = read_prompts(setup.prompts, setup.video_root,
                                 config.data.max_error_rate, workdir)
   summaries = []
   for t in range(config.iterations):
     summaries.append(iteration(t, config, workdir, mesh, setup, items, skipped))
-    report.write(workdir, summaries)
+    _write_report(workdir, summaries)
   final = workdir / f"iter_{config.iterations - 1}" / "eval_final"
   if config.eval.enabled and config.iterations and "eval_final" not in summaries[-1]:
     policy = load_policy(config, workdir, mesh, setup, config.iterations)
     summaries[-1]["eval_final"] = evaluate.evaluate_policy(policy, config, setup.test_sets, final)
     _write_summary(workdir / f"iter_{config.iterations - 1}", summaries[-1])
-    report.write(workdir, summaries)
+    _write_report(workdir, summaries)
   return summaries
 
 
@@ -156,9 +164,14 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   return summary
 
 
+def _write_report(workdir: pathlib.Path, summaries: list[dict]) -> None:
+  if distributed.is_main_process():
+    report.write(workdir, summaries)
+
+
 def _write_summary(it_dir: pathlib.Path, summary: dict) -> None:
   """summary.json marks the iteration finished (written last, atomically)."""
-  if jax.process_index() == 0:
+  if distributed.is_main_process():
     tmp = it_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
     tmp.replace(it_dir / "summary.json")

@@ -12,6 +12,7 @@ import pathlib
 import zlib
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -27,8 +28,11 @@ from isr_dpo_jax.data import video as video_lib
 
 
 def save_params(params: dict, path: pathlib.Path) -> None:
-  """A policy's parameters (a pure dict) as one Orbax checkpoint, once."""
-  if path.exists():
+  """A policy's parameters (a pure dict) as one Orbax checkpoint, once.
+
+  Every process calls it; process 0's view of `path` decides for all.
+  """
+  if multihost_utils.broadcast_one_to_all(np.bool_(path.exists())):
     return
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path.absolute(), params)
@@ -42,6 +46,15 @@ def load_params(model: models.VideoLlava, path: pathlib.Path) -> None:
   restored = ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute(), abstract)
   nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, state)
+
+
+def per_process(batch_size: int, knob: str) -> int:
+  """Each process's share of a global batch size (the config's `knob`)."""
+  share, rest = divmod(batch_size, jax.process_count())
+  if rest:
+    raise ValueError(f"{knob}={batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+  return share
 
 
 def stable_uid(*parts) -> int:
@@ -85,10 +98,15 @@ class Policy:
   @classmethod
   def from_config(cls, config, setup: bootstrap.Setup, mesh,
                   params_dir: str | os.PathLike | None = None) -> "Policy":
-    """The run's pi_0, or the policy saved in `params_dir`."""
+    """The run's pi_0, or the policy saved in `params_dir`.
+
+    Its batch size is this process's share of `config.sampling.batch_size`.
+    """
     return cls.load(
         setup.init_checkpoint, mesh=mesh, template=config.data.template,
-        video_root=setup.video_root, batch_size=config.sampling.batch_size,
+        video_root=setup.video_root,
+        batch_size=per_process(config.sampling.batch_size,
+                               "sampling.batch_size"),
         buckets=config.sampling.buckets, max_length=config.data.max_length,
         params_dir=params_dir, dtype=jnp.dtype(config.model.dtype))
 

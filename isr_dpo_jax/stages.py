@@ -11,16 +11,28 @@ already written and reruns a partly written one whole (keeping what is there),
 so batch composition, and therefore every number, equals an uninterrupted run.
 Items that fail (a video that does not decode) go to the iteration's error log
 with the file, line and cause, and count as done.
+
+On several processes each process works on its contiguous slice of every
+batch, and the batch's records and errors are then gathered to every process,
+so that all of them hold the whole stage's results; process 0 alone writes
+the files. A record's samples draw with keys from its id, so the results do
+not depend on the number of processes.
 """
 from collections.abc import Callable, Iterable, Sequence
 import collections
 import dataclasses
+import json
 import logging
+import operator
+import pathlib
 import time
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from isr_dpo_jax import checkpoint
+from isr_dpo_jax import distributed
 from isr_dpo_jax import judge
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import policy as policy_lib
@@ -53,11 +65,58 @@ class Summary:
                 tokens=self.tokens, seconds=self.seconds)
 
 
+def _all_processes(local: list) -> list:
+  """Every process's `local` list (JSON values), concatenated in process order."""
+  if jax.process_count() == 1:
+    return local
+  blob = np.frombuffer(json.dumps(local).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(blob.size))
+  padded = np.zeros(sizes.max(), np.uint8)
+  padded[:blob.size] = blob
+  blobs = multihost_utils.process_allgather(padded)
+  return [x for blob, size in zip(blobs, sizes)
+          for x in json.loads(blob[:size].tobytes())]
+
+
+class _Mirror:
+  """Process 0's JsonlAppender as another process holds it: no file writes.
+
+  The other processes compute the same records, so they keep them in step.
+  """
+
+  def __init__(self, path, key):
+    self.key = key
+    self.records = ([records.parse_line(line) for _, line in records.iter_lines(path)]
+                    if path.exists() else [])
+    self.done = {key(r) for r in self.records}
+
+  def append(self, record):
+    self.done.add(self.key(record))
+    self.records.append(dict(record))
+
+  def close(self):
+    pass
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _appender(path, key=operator.itemgetter("id")):
+  """A JsonlAppender on process 0, a _Mirror of its file on the others."""
+  if distributed.is_main_process():
+    out = records.JsonlAppender(path, key)
+  distributed.barrier(f"open {path}")  # process 0 has cut a partial line
+  return out if distributed.is_main_process() else _Mirror(pathlib.Path(path), key)
+
+
 class ErrorLog:
   """The iteration's errors.jsonl: one line per bad item, keyed by stage and id."""
 
   def __init__(self, path):
-    self._log = records.JsonlAppender(path, key=lambda r: (r["stage"], r["id"]))
+    self._log = _appender(path, key=lambda r: (r["stage"], r["id"]))
 
   def done(self, stage: str) -> set[str]:
     return {i for s, i in self._log.done if s == stage}
@@ -81,8 +140,11 @@ class ErrorLog:
 def run_batches(stage: str, path, items: Sequence[dict], batch_size: int,
                 work: Callable[[list[dict]], Iterable[dict]], errors: ErrorLog
                 ) -> list[dict]:
-  """Appends `work(batch)` records for every fixed batch not yet written."""
-  with records.JsonlAppender(path) as out:
+  """Appends `work(batch)` records for every fixed batch not yet written.
+
+  `work` runs on every process and returns the whole batch's records.
+  """
+  with _appender(path) as out:
     skipped = errors.done(stage)
     for start in range(0, len(items), batch_size):
       batch = items[start:start + batch_size]
@@ -95,16 +157,23 @@ def run_batches(stage: str, path, items: Sequence[dict], batch_size: int,
 
 
 def _with_videos(stage: str, batch: list[dict], policy: policy_lib.Policy,
-                 errors: ErrorLog) -> tuple[list[dict], list[np.ndarray]]:
-  """The batch's items whose video decodes, with their pixels; logs the rest."""
-  kept, pixels = [], []
-  for item in batch:
+                 errors: ErrorLog) -> tuple[list[dict], list[np.ndarray], bool]:
+  """This process's items whose video decodes, with their pixels.
+
+  Every process logs the failures of all, and learns whether any process
+  kept an item (then all of them must run the model, even on no rows).
+  """
+  kept, pixels, failed = [], [], []
+  for item in batch[distributed.process_slice(len(batch))]:
     try:
       pixels.append(policy.video(item["video"]))
       kept.append(item)
     except video_lib.VideoError as e:
-      errors.add(stage, item, "bad_video", str(e))
-  return kept, pixels
+      failed.append((item, str(e)))
+  failed = _all_processes(failed)
+  for item, detail in failed:
+    errors.add(stage, item, "bad_video", detail)
+  return kept, pixels, len(failed) < len(batch)
 
 
 def _sample_params(cfg) -> sampling.SamplingParams:
@@ -119,19 +188,20 @@ def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
   params = _sample_params(cfg.sampling.answer)
 
   def work(batch):
-    kept, pixels = _with_videos("responses", batch, policy, errors)
-    if not kept:
+    kept, pixels, any_kept = _with_videos("responses", batch, policy, errors)
+    if not any_kept:
       return []
     uids = [policy_lib.stable_uid("answer", x["id"]) for x in kept]
     samples = policy.sample([x["question"] for x in kept], pixels, uids, params,
                             num_samples=2, seed=seed)
-    summary.tokens += sum(s.length for pair in samples for s in pair)
-    return [dict(id=x["id"], video=x["video"], question=x["question"],
-                 responses=[s.text for s in pair],
-                 lengths=[s.length for s in pair],
-                 logprobs=[s.logprob for s in pair],
-                 finish=[s.finish_reason for s in pair])
-            for x, pair in zip(kept, samples)]
+    out = _all_processes([dict(id=x["id"], video=x["video"], question=x["question"],
+                              responses=[s.text for s in pair],
+                              lengths=[s.length for s in pair],
+                              logprobs=[s.logprob for s in pair],
+                              finish=[s.finish_reason for s in pair])
+                         for x, pair in zip(kept, samples)])
+    summary.tokens += sum(sum(r["lengths"]) for r in out)
+    return out
 
   out = run_batches("responses", path, items, cfg.sampling.batch_size, work, errors)
   summary.records_out, summary.dropped = len(out), errors.count("responses")
@@ -150,18 +220,19 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
   prompts = judge_prompts(cfg)
 
   def work(batch):
-    kept, pixels = _with_videos("contexts", batch, policy, errors)
-    if not kept:
+    kept, pixels, any_kept = _with_videos("contexts", batch, policy, errors)
+    if not any_kept:
       return []
     before = [previous.get(x["video"]) if cfg.judge.retrospective else None
               for x in kept]
     questions = [judge.context_question(prompts, p) for p in before]
     uids = [policy_lib.stable_uid("context", x["id"]) for x in kept]
     samples = policy.sample(questions, pixels, uids, params, seed=seed)
-    summary.tokens += sum(s[0].length for s in samples)
-    return [dict(id=x["id"], video=x["video"], previous=p, prompt=q,
-                 context=s[0].text, length=s[0].length)
-            for x, p, q, s in zip(kept, before, questions, samples)]
+    out = _all_processes([dict(id=x["id"], video=x["video"], previous=p, prompt=q,
+                              context=s[0].text, length=s[0].length)
+                         for x, p, q, s in zip(kept, before, questions, samples)])
+    summary.tokens += sum(r["length"] for r in out)
+    return out
 
   out = run_batches("contexts", path, videos, cfg.sampling.batch_size, work, errors)
   summary.records_out, summary.dropped = len(out), errors.count("contexts")
@@ -184,8 +255,8 @@ def judgments(answered: list[dict], context_of: dict[str, str],
                                            max_new_tokens=cfg.judge.max_new_tokens)
 
   def work(batch):
-    kept, pixels = _with_videos("judgments", batch, policy, errors)
-    if not kept:
+    kept, pixels, any_kept = _with_videos("judgments", batch, policy, errors)
+    if not any_kept:
       return []
     orders = [judge.judge_questions(
         prompts, x["question"], *x["responses"],
@@ -214,7 +285,7 @@ def judgments(answered: list[dict], context_of: dict[str, str],
       out.append(dict(id=x["id"], p_y1=float(p_y1[i]), agree=bool(agree[i]),
                       confidence=decision.confidence, winner=decision.winner,
                       reason=decision.reason, raw=raw[i]))
-    return out
+    return _all_processes(out)
 
   out = run_batches("judgments", path, answered, cfg.judge.batch_size, work, errors)
   summary.records_out = sum(r["winner"] is not None for r in out)
@@ -245,7 +316,8 @@ def _pair_loader(pairs_path, policy: policy_lib.Policy, batch_size: int, *,
   vision = policy.model.config.vision
   source = loader_lib.JsonlSource(pairs_path, "dpo", policy.video_root,
                                   vision.num_frames, vision.image_size)
-  return loader_lib.Loader(source, "preference", policy.encoder, batch_size,
+  return loader_lib.Loader(source, "preference", policy.encoder,
+                           policy_lib.per_process(batch_size, "train.batch_size"),
                            seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                            buckets=policy.buckets)
 
@@ -258,25 +330,33 @@ def reference_logps(pairs: list[dict], path, policy: policy_lib.Policy,
   Training then needs no reference model resident. Pairs are written first
   without them (the loader reads the file), then again with them, atomically.
   A pair that cannot be tokenised (too long, say) is logged and left out.
+  Each process computes its rows of every batch; process 0 writes them all.
   """
   if pairs and all("reference_chosen_logp" in p for p in pairs):
     return pairs
-  records.write_jsonl(path, pairs)
-  logps = {}
+  _write_for_all(path, pairs)
+  logps = []
   loader = _pair_loader(path, policy, batch_size, shuffle=False, num_epochs=1)
   for batch in loader:
     chosen, rejected = trainer.reference_logps(reference_params, batch.text, batch.frames)
-    for row, pair_id in enumerate(batch.ids):
-      if pair_id is not None:
-        logps[pair_id] = (float(chosen[row]), float(rejected[row]))
-  for error in loader.report.errors:
-    item = dict(pairs[error.line - 1], file=error.path, line=error.line)
-    errors.add("pairs", item, error.reason, error.detail)
+    logps += [(pair_id, float(chosen[row]), float(rejected[row]))
+              for row, pair_id in enumerate(batch.ids) if pair_id is not None]
+  logps = {i: (c, r) for i, c, r in _all_processes(logps)}
+  for error in _all_processes([dataclasses.asdict(e) for e in loader.report.errors]):
+    item = dict(pairs[error["line"] - 1], file=error["path"], line=error["line"])
+    errors.add("pairs", item, error["reason"], error["detail"])
   pairs = [dict(p, reference_chosen_logp=logps[p["id"]][0],
                 reference_rejected_logp=logps[p["id"]][1])
            for p in pairs if p["id"] in logps]
-  records.write_jsonl(path, pairs)
+  _write_for_all(path, pairs)
   return pairs
+
+
+def _write_for_all(path, pairs: list[dict]) -> None:
+  """Process 0 writes the jsonl that every process then reads."""
+  if distributed.is_main_process():
+    records.write_jsonl(path, pairs)
+  distributed.barrier(f"write {path}")
 
 
 def dpo(pairs: list[dict], path, policy: policy_lib.Policy, trainer: train.Trainer,
