@@ -30,6 +30,7 @@ import numpy as np
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import distributed
 from isr_dpo_jax import evaluate
+from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
@@ -57,9 +58,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[dict]:
   items, skipped = read_prompts(setup.prompts, setup.video_root,
                                 config.data.max_error_rate, workdir)
   summaries = []
-  for t in range(config.iterations):
-    summaries.append(iteration(t, config, workdir, mesh, setup, items, skipped))
-    _write_report(workdir, summaries)
+  with metrics_lib.MetricsWriter(workdir) as writer:  # one step per iteration
+    for t in range(config.iterations):
+      summaries.append(iteration(t, config, workdir, mesh, setup, items, skipped))
+      writer.write(t, report.scalars(summaries[-1]))
+      _write_report(workdir, summaries)
   final = workdir / f"iter_{config.iterations - 1}" / "eval_final"
   if config.eval.enabled and config.iterations and "eval_final" not in summaries[-1]:
     policy = load_policy(config, workdir, mesh, setup, config.iterations)

@@ -31,6 +31,22 @@ def train_summary(metrics_path: pathlib.Path) -> dict:
       "steps": len(rows)}
 
 
+def scalars(summary: dict) -> dict[str, float]:
+  """An iteration's numbers as flat scalars (metrics.jsonl, TensorBoard)."""
+  out = {"pairs": summary["pairs"]}
+  for stage in summary["stages"]:
+    name = stage["stage"]
+    out[f"{name}/records_out"] = stage["records_out"]
+    out[f"{name}/seconds"] = stage["seconds"]
+    if stage["tokens"] and stage["seconds"]:
+      out[f"{name}/tokens_per_second"] = stage["tokens"] / stage["seconds"]
+    out |= {f"{name}/dropped/{reason}": n for reason, n in stage["dropped"].items()}
+  out |= {f"train/{k}": v for k, v in summary["train"].items()}
+  if summary.get("eval"):
+    out["eval/accuracy"] = _accuracy(summary["eval"])
+  return out
+
+
 def _pairs(workdir: pathlib.Path, t: int) -> list[dict]:
   path = workdir / f"iter_{t}" / "pairs.jsonl"
   return [json.loads(line) for line in path.open()] if path.exists() else []

@@ -30,6 +30,7 @@ import time
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
+import tqdm
 
 from isr_dpo_jax import checkpoint
 from isr_dpo_jax import distributed
@@ -60,9 +61,7 @@ class Summary:
             f"dropped: {drops}{speed}, {self.seconds:.1f}s")
 
   def as_dict(self) -> dict:
-    return dict(stage=self.stage, records_in=self.records_in,
-                records_out=self.records_out, dropped=dict(self.dropped),
-                tokens=self.tokens, seconds=self.seconds)
+    return {**vars(self), "dropped": dict(self.dropped)}
 
 
 def _all_processes(local: list) -> list:
@@ -137,23 +136,31 @@ class ErrorLog:
     self._log.close()
 
 
-def run_batches(stage: str, path, items: Sequence[dict], batch_size: int,
+def run_batches(summary: Summary, path, items: Sequence[dict], batch_size: int,
                 work: Callable[[list[dict]], Iterable[dict]], errors: ErrorLog
                 ) -> list[dict]:
   """Appends `work(batch)` records for every fixed batch not yet written.
 
-  `work` runs on every process and returns the whole batch's records.
+  `work` runs on every process and returns the whole batch's records. The
+  stage's progress bar, time and counts go to `summary`.
   """
-  with _appender(path) as out:
-    skipped = errors.done(stage)
+  clock = time.perf_counter()
+  with _appender(path) as out, tqdm.tqdm(
+      total=len(items), desc=summary.stage, unit="item", dynamic_ncols=True,
+      disable=not distributed.is_main_process()) as bar:
+    skipped = errors.done(summary.stage)
     for start in range(0, len(items), batch_size):
       batch = items[start:start + batch_size]
-      if all(x["id"] in out.done or x["id"] in skipped for x in batch):
-        continue
-      for record in work(batch):
-        if record["id"] not in out.done:
-          out.append(record)
-    return list(out.records)
+      if not all(x["id"] in out.done or x["id"] in skipped for x in batch):
+        for record in work(batch):
+          if record["id"] not in out.done:
+            out.append(record)
+        bar.set_postfix(tokens_per_s=f"{summary.tokens / (time.perf_counter() - clock):.0f}")
+      bar.update(len(batch))
+    written = list(out.records)
+  summary.records_out, summary.dropped = len(written), errors.count(summary.stage)
+  summary.seconds = time.perf_counter() - clock
+  return written
 
 
 def _with_videos(stage: str, batch: list[dict], policy: policy_lib.Policy,
@@ -184,7 +191,7 @@ def _sample_params(cfg) -> sampling.SamplingParams:
 def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
               path, errors: ErrorLog) -> tuple[list[dict], Summary]:
   """Stage 1a: y1, y2 ~ pi_t(. | V, x) for every prompt item."""
-  summary, clock = Summary("responses", records_in=len(items)), time.perf_counter()
+  summary = Summary("responses", records_in=len(items))
   params = _sample_params(cfg.sampling.answer)
 
   def work(batch):
@@ -203,10 +210,7 @@ def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
     summary.tokens += sum(sum(r["lengths"]) for r in out)
     return out
 
-  out = run_batches("responses", path, items, cfg.sampling.batch_size, work, errors)
-  summary.records_out, summary.dropped = len(out), errors.count("responses")
-  summary.seconds = time.perf_counter() - clock
-  return out, summary
+  return run_batches(summary, path, items, cfg.sampling.batch_size, work, errors), summary
 
 
 def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Policy,
@@ -215,7 +219,7 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
 
   Without retrospection (an ablation) every context is written from scratch.
   """
-  summary, clock = Summary("contexts", records_in=len(videos)), time.perf_counter()
+  summary = Summary("contexts", records_in=len(videos))
   params = _sample_params(cfg.sampling.context)
   prompts = judge_prompts(cfg)
 
@@ -234,10 +238,7 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
     summary.tokens += sum(r["length"] for r in out)
     return out
 
-  out = run_batches("contexts", path, videos, cfg.sampling.batch_size, work, errors)
-  summary.records_out, summary.dropped = len(out), errors.count("contexts")
-  summary.seconds = time.perf_counter() - clock
-  return out, summary
+  return run_batches(summary, path, videos, cfg.sampling.batch_size, work, errors), summary
 
 
 def judge_prompts(cfg) -> judge.Prompts:
@@ -248,7 +249,7 @@ def judgments(answered: list[dict], context_of: dict[str, str],
               policy: policy_lib.Policy, cfg, seed: int, path, errors: ErrorLog
               ) -> tuple[list[dict], Summary]:
   """Stage 2: the policy judges y1 against y2 in both orders; keep or drop."""
-  summary, clock = Summary("judgments", records_in=len(answered)), time.perf_counter()
+  summary = Summary("judgments", records_in=len(answered))
   prompts = judge_prompts(cfg)
   letters = policy.letter_ids("AB")
   verdict_params = sampling.SamplingParams(temperature=0.0,
@@ -287,11 +288,9 @@ def judgments(answered: list[dict], context_of: dict[str, str],
                       reason=decision.reason, raw=raw[i]))
     return _all_processes(out)
 
-  out = run_batches("judgments", path, answered, cfg.judge.batch_size, work, errors)
-  summary.records_out = sum(r["winner"] is not None for r in out)
-  summary.dropped = errors.count("judgments") + collections.Counter(
-      r["reason"] for r in out if r["reason"])
-  summary.seconds = time.perf_counter() - clock
+  out = run_batches(summary, path, answered, cfg.judge.batch_size, work, errors)
+  summary.records_out = sum(r["winner"] is not None for r in out)  # pairs kept
+  summary.dropped += collections.Counter(r["reason"] for r in out if r["reason"])
   return out, summary
 
 
