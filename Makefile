@@ -1,8 +1,8 @@
 # `make test` and `make demo` set everything up from a bare Python 3.11.
+# (tests/conftest.py gives the tests 8 fake CPU devices; the demo runs on what is there.)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export TOKENIZERS_PARALLELISM ?= false
 
