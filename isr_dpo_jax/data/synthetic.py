@@ -290,6 +290,12 @@ def _mentions(text: str, word: str) -> bool:
              for form in _FORMS.get(word, (word,)))
 
 
+def alternatives(answer: str) -> tuple[str, ...]:
+  """The other words of a canonical answer's category: its wrong answers."""
+  category = next((c for c in _CATEGORIES if answer in c), ())
+  return tuple(word for word in category if word != answer)
+
+
 def answer_is_correct(response: str, answer: str) -> bool:
   """Whether a free-text response gives a canonical answer of this world.
 
