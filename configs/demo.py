@@ -1,0 +1,31 @@
+"""The built-in experiment (`make demo`): SFT, then ISR-DPO and two ablations.
+
+Sized for about 13 minutes on 2 CPU cores. See isr_dpo_jax/demo.py.
+"""
+from isr_dpo_jax import defaults
+
+
+def get_config():
+  config = defaults.get_config()
+  config.iterations = 3
+  config.world = defaults.world(num_videos=dict(train=300, test=32))
+  # 16 px patches: 4 video tokens per frame, 32 per clip, so SFT steps are cheap.
+  config.world.model.update(hidden_size=128, intermediate_size=256,
+                            vision_hidden_size=64, patch_size=16)
+  config.demo = dict(
+      qa_share=0.15,  # of the training clips' QA pairs in the SFT mix
+      judge_share=0.5,  # judge examples per QA pair
+      judge_context_share=0.5,  # judge examples that show the description
+      revision_share=0.5,  # revision examples per clip
+  )
+  # The tower is random (no pretrained one at this size): SFT trains all of it.
+  config.sft.update(batch_size=16, epochs=3, learning_rate=3e-3, frozen=())
+  config.sampling.buckets = (64, 128, 256)
+  config.sampling.answer.max_new_tokens = 12
+  config.sampling.context.max_new_tokens = 96
+  config.data.prompts_per_iteration = 192
+  config.data.fresh_prompts = False  # the same videos: contexts carry over
+  config.judge.threshold = 0.6
+  config.train.update(batch_size=16, epochs=2, learning_rate=1e-4)
+  config.eval.batch_size = 64
+  return config
