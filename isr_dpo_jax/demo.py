@@ -31,7 +31,6 @@ import numpy as np
 import tqdm
 
 from isr_dpo_jax import bootstrap
-from isr_dpo_jax import distributed
 from isr_dpo_jax import iterate
 from isr_dpo_jax import judge
 from isr_dpo_jax import metrics as metrics_lib
@@ -53,7 +52,6 @@ ARMS = {
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)
-  distributed.initialize()
   summary = run(config, workdir)
   print(table(summary))
 

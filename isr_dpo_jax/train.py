@@ -1,11 +1,13 @@
 """DPO and SFT training: optimizer, frozen parameter groups, the sharded update.
 
 One optimizer update is one jitted call over the ('data', 'fsdp', 'tensor')
-mesh, with explicit in/out shardings and the train state donated. The frozen
+mesh, with explicit in/out shardings and the train state donated. A frozen
 video tower runs in its own jitted call before the update (`encode_video`),
 so its features enter the differentiated function as data: the tower is
 never differentiated and runs once per example per epoch, not once per
-response or per microbatch pass.
+response or per microbatch pass. The projector always runs inside (it is
+cheap, and trainable in SFT); a trainable tower (`frozen` leaves it out)
+runs inside too, on the frames. `_video_embeddings` tells the two apart.
 
 Gradient accumulation is a `lax.scan` over microbatches inside the update
 (rather than optax.MultiSteps): one dispatch and one optimizer step per
@@ -161,11 +163,20 @@ def make_optimizer(config: TrainConfig, schedule: optax.Schedule,
 # ---------------------------------------------------------------------------
 
 
-def _logits(model, rows: packing.Rows, feats_BxNxD, remat: str | None = None):
+def _video_embeddings(model, visual):
+  """Projected video embeddings [B, N, D] from what `Trainer.encode_video` gave:
+  the frozen tower's features [B, N, Dv], or frames [B, T, H, W, 3]."""
+  if visual.ndim == 3:
+    return model.project(visual)
+  return model.encode_video(visual)
+
+
+def _logits(model, rows: packing.Rows, visual, remat: str | None = None):
   """Logits of the outputs that predict response tokens: [R*B, T, V].
 
   The output head runs on those positions only, never on the long prompt.
   """
+  feats_BxNxD = _video_embeddings(model, visual)
   feats_NxMxD = jnp.tile(feats_BxNxD,
                          (rows.ids.shape[0] // feats_BxNxD.shape[0], 1, 1))
   x_NxLxD = model.embed(rows.ids, feats_NxMxD)
@@ -283,6 +294,7 @@ class Trainer:
     self._abstract_params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
     self.frozen = frozen_mask(self._abstract_params, config.frozen)
+    self.tower_frozen = all(jax.tree.leaves(self.frozen["video_tower"]))
     self.schedule = learning_rate_schedule(config, total_steps)
     self.tx = make_optimizer(config, self.schedule, self.frozen)
     self.state_shardings = self._state_shardings(self._abstract_params)
@@ -378,9 +390,12 @@ class Trainer:
   # -- compiled functions -------------------------------------------------------
 
   def _encode_video(self, params, videos_BxTxHxWx3):
+    """The frozen tower's features, or the frames for a trainable tower."""
     if videos_BxTxHxWx3.dtype == jnp.uint8:  # frames from the loader
       videos_BxTxHxWx3 = video.normalize(videos_BxTxHxWx3)
-    return self.model(params).encode_video(videos_BxTxHxWx3)
+    if not self.tower_frozen:
+      return videos_BxTxHxWx3
+    return self.model(params).tower_features(videos_BxTxHxWx3)
 
   def _pair_logps(self, params, batch, feats_BxNxD):
     return pair_logps(self.model(params), batch, feats_BxNxD,

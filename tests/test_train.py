@@ -341,3 +341,23 @@ def test_frozen_reference_model_equals_stored_reference_logps(setup, single):
   for name, expected in single["metrics"].items():
     np.testing.assert_allclose(metrics[name], expected, rtol=1e-5, atol=1e-6,
                                err_msg=name)
+
+
+@pytest.mark.parametrize("frozen,trained", [
+    (train.VIDEO_MODULES, {"language_model"}),  # DPO: the lineage's recipe
+    ((r"^video_tower/",), {"language_model", "multi_modal_projector"}),  # SFT
+    ((), {"language_model", "multi_modal_projector", "video_tower"}),
+])
+def test_an_update_trains_exactly_the_unfrozen_modules(setup, frozen, trained):
+  mesh = _single_device_mesh()
+  model = models.load_pretrained(setup["paths"]["policy"], mesh=mesh)
+  config = dataclasses.replace(CONFIG, frozen=frozen, learning_rate=1e-3)
+  trainer = train.Trainer(model, config, mesh, total_steps=TOTAL_STEPS)
+  before = nnx.to_pure_dict(nnx.state(model))
+  state = trainer.init_state(model)
+  for _ in range(2):  # the first step of the schedule has learning rate 0
+    state, _ = trainer.sft_update(state, _sft_batch(setup["batch"]), setup["frames"])
+  for module in before:
+    moved = [bool(np.any(np.asarray(a) != np.asarray(b))) for a, b in zip(
+        jax.tree.leaves(before[module]), jax.tree.leaves(state.params[module]))]
+    assert all(moved) if module in trained else not any(moved), module

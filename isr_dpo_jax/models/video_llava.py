@@ -60,11 +60,19 @@ class VideoLlava(nnx.Module):
 
   def encode_video(self, videos_BxTxHxWx3: jax.Array) -> jax.Array:
     """Projected visual embeddings [B, num_video_tokens, text hidden], frame-major."""
+    return self.project(self.tower_features(videos_BxTxHxWx3))
+
+  def tower_features(self, videos_BxTxHxWx3: jax.Array) -> jax.Array:
+    """The tower's selected features [B, num_video_tokens, vision hidden]."""
     hidden_BxTxLxD = self.video_tower(videos_BxTxHxWx3)
     if self.config.feature_strategy == "patch":
       hidden_BxTxLxD = hidden_BxTxLxD[:, :, 1:]
     b = hidden_BxTxLxD.shape[0]
-    return self.multi_modal_projector(hidden_BxTxLxD.reshape(b, -1, hidden_BxTxLxD.shape[-1]))
+    return hidden_BxTxLxD.reshape(b, -1, hidden_BxTxLxD.shape[-1])
+
+  def project(self, features_BxNxDv: jax.Array) -> jax.Array:
+    """Tower features -> the language model's embedding space."""
+    return self.multi_modal_projector(features_BxNxDv)
 
   def embed(self, input_ids_BxL: jax.Array, feats_BxNxD: jax.Array | None = None) -> jax.Array:
     """Token embeddings with the k-th video placeholder of row b set to feats[b, k]."""
