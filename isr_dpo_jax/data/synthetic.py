@@ -26,6 +26,7 @@ import av
 import numpy as np
 from PIL import Image
 
+from isr_dpo_jax import judge
 from isr_dpo_jax.data import records
 
 COLORS = {
@@ -42,9 +43,7 @@ NUMBERS = ("one", "two", "three")
 MAX_OBJECTS = len(NUMBERS)
 
 CAPTION_PROMPT = "Describe the video in one sentence."
-DESCRIBE_PROMPT = (  # METHOD.md section 2: the first context's prompt.
-    "Describe this video in detail: the objects and people, their attributes, "
-    "what happens, and in what order.")
+DESCRIBE_PROMPT = judge.FIRST_CONTEXT  # SFT teaches the loop's first context
 
 # Words that share a category exclude each other in a correct response.
 _CATEGORIES = (tuple(COLORS), SHAPES, tuple(DIRECTIONS), NUMBERS,
