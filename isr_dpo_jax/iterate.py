@@ -15,7 +15,6 @@ On several processes (launch/) every process runs this same loop: the stages
 split their batches over the processes and gather the results, process 0
 writes the files, and the others wait at a barrier before reading them.
 """
-import dataclasses
 import json
 import logging
 import math

@@ -11,7 +11,6 @@ import dataclasses
 
 import hf_reference as ref
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
