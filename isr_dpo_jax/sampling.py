@@ -193,21 +193,21 @@ def _shard_rows(tree, mesh):
   return jax.tree.map(constrain, tree)
 
 
-def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache=None):
-  """Runs left-padded prompts (into `cache` if given, from slot 0).
+def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len=None,
+                   cache_dtype=None):
+  """Runs left-padded prompts, into a new cache of cache_len slots if given.
 
-  Returns the logits [B, V] after each prompt and the cache. Left padding puts
-  every row's last token at the end, so the output head runs there alone (XLA
-  would not drop the other L - 1 positions).
+  Returns the logits [B, V] after each prompt and the cache (or None). Left
+  padding puts every row's last token at the end, so the output head runs
+  there alone (XLA would not drop the other L - 1 positions).
   """
   feats_BxNxD = None if videos is None else model.encode_video(videos)
   x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
-  keys_valid = mask_BxL.astype(bool)
-  if cache is not None:  # slots after the prompt hold no keys yet
-    free_slots = cache.max_len - ids_BxL.shape[1]
-    keys_valid = jnp.pad(keys_valid, ((0, 0), (0, free_slots)))
-  hidden_BxLxD, cache = model.hidden_states(
-      x_BxLxD, batching.positions(mask_BxL), keys_valid, cache)
+  args = (x_BxLxD, batching.positions(mask_BxL), mask_BxL.astype(bool))
+  if cache_len is None:
+    hidden_BxLxD, cache = model.hidden_states(*args)
+  else:
+    hidden_BxLxD, cache = model.prefill(*args, cache_len, cache_dtype)
   return model.logits(hidden_BxLxD[:, -1]), cache
 
 
@@ -226,9 +226,8 @@ def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
   """
   model = nnx.merge(graphdef, state)
   batch, length = ids_BxL.shape
-  cache = _shard_rows(model.init_cache(batch, length + max_new_tokens,
-                                       cache_dtype), mesh)
-  logits_BxV, cache = _prompt_logits(model, ids_BxL, mask_BxL, videos, cache)
+  logits_BxV, cache = _prompt_logits(model, ids_BxL, mask_BxL, videos,
+                                     length + max_new_tokens, cache_dtype)
   repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
   rows = batch * num_samples
   carry = _Decoding(

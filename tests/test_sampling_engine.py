@@ -132,13 +132,13 @@ def test_samples_do_not_depend_on_batch_composition(sampler):
 
 def test_a_second_batch_of_the_same_bucket_does_not_retrace(model, monkeypatch):
   traces = []
-  hidden_states = models.Llama.hidden_states
+  decoder = models.Llama._decoder  # every prefill and decode step runs it
 
   def counted(self, *args, **kwargs):
     traces.append(args[0].shape)
-    return hidden_states(self, *args, **kwargs)
+    return decoder(self, *args, **kwargs)
 
-  monkeypatch.setattr(models.Llama, "hidden_states", counted)
+  monkeypatch.setattr(models.Llama, "_decoder", counted)
   sampler = sampling.Sampler(model)
   n = model.config.num_video_tokens
   sampler(*_prompts(n, seed=7), _uids(4), SAMPLE, num_samples=2)

@@ -14,9 +14,10 @@ KV cache contract (for generation): `init_cache(B, S)` preallocates S slots per
 row and sets the shared write index to 0. Each call with a cache writes its Lq
 keys/values at slots [index, index + Lq) of every row, attends over all S slots
 through the mask, and returns the cache with index += Lq. With prompts
-left-padded to P: prefill writes slots [0, P) with positions = cumsum(valid) - 1
-and a [B, S] validity mask; each decode step then writes one token at slot P + t,
-with its position and the validity mask extended by that slot. The caller keeps
+left-padded to P: `prefill(x, positions, valid, S)` runs them (positions =
+cumsum(valid) - 1) over their own P keys and returns a cache holding them in
+slots [0, P); each decode step then writes one token at slot P + t, with its
+position and a [B, S] validity mask extended by that slot. The caller keeps
 index + Lq <= S (a write past the end is clamped by XLA, not reported). The cache
 is a pytree of arrays (index included), so it can be donated to a jitted step.
 """
@@ -50,6 +51,10 @@ class KVCache:
     """Each row n times in a row (row b becomes rows b*n .. b*n+n-1)."""
     repeat = lambda xs: tuple(jnp.repeat(x, n, axis=0) for x in xs)
     return self.replace(keys=repeat(self.keys), values=repeat(self.values))
+
+
+# Queries per attention block in a prefill (see `attention`): 64-128 ran best.
+PREFILL_QUERY_BLOCK = 96
 
 
 def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
@@ -90,6 +95,39 @@ def apply_rotary(x_BxLxNxH: jax.Array, cos_sin) -> jax.Array:
   return (x * cos + rotated * sin).astype(x_BxLxNxH.dtype)
 
 
+def attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, *, query_blocks=1):
+  """Softmax attention over keys laid out heads first, as in the cache; GQA.
+
+  Generation's attention (training keeps jax.nn.dot_product_attention). The
+  products batch over (B, K) with no transposes, and the softmax sum divides
+  the [L, H] output, not the [L, S] weights. Logits and the softmax are
+  float32 whatever the input dtype. query_blocks > 1 promises a causal
+  mask over keys [0, L) (prompts over their own keys): each block of queries
+  then skips the keys after its last query (for 4 blocks, 3/8 of the logits)
+  and its logits stay small enough for a CPU's caches. Together these make a
+  300-token prefill's attention about 1.7x faster on XLA:CPU than
+  jax.nn.dot_product_attention.
+  """
+  b, l, n, h = q_BxLxNxH.shape
+  if query_blocks > 1:
+    size = -(-l // query_blocks)
+    return jnp.concatenate([
+        attention(q_BxLxNxH[:, i:i + size], k_BxKxSxH[:, :, :i + size],
+                  v_BxKxSxH[:, :, :i + size], mask_BxLxS[:, i:i + size, :i + size])
+        for i in range(0, l, size)], axis=1)
+  k = k_BxKxSxH.shape[1]
+  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, n // k, h) * jnp.asarray(h ** -0.5, q_BxLxNxH.dtype)
+  logits = jnp.einsum("blkgh,bksh->bkgls", q_BxLxKxGxH, k_BxKxSxH,
+                      preferred_element_type=jnp.float32)
+  logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  weights_BxKxGxLxS = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  out_BxLxKxGxH = jnp.einsum("bkgls,bksh->blkgh", weights_BxKxGxLxS.astype(v_BxKxSxH.dtype),
+                             v_BxKxSxH, preferred_element_type=jnp.float32)
+  total_BxLxKxG = jnp.sum(weights_BxKxGxLxS, axis=-1).transpose(0, 3, 1, 2)
+  out_BxLxKxGxH /= total_BxLxKxG[..., None]
+  return out_BxLxKxGxH.reshape(b, l, n, h).astype(q_BxLxNxH.dtype)
+
+
 def attention_mask(mask, q_len: int, k_len: int, index) -> jax.Array:
   """Boolean [B or 1, Lq, Lk] mask from None, a [B, Lk] key mask or a full mask."""
   if mask is not None and mask.ndim == 3:
@@ -113,16 +151,24 @@ class Attention(nnx.Module):
     self.v_proj = layers.dense(d, kv_dim, ("embed", "kv_heads"), **kw)
     self.o_proj = layers.dense(q_dim, d, ("heads", "embed"), **kw)
 
-  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None):
+  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, query_blocks=None):
+    """Output and keys/values: kv (a cache) is updated at index and attended
+    over; without kv, query_blocks None attends as in training (no keys
+    returned), and an int runs a prefill (see `attention`) and returns the
+    call's own keys/values [B, K, L, H]."""
     q = apply_rotary(layers.split_heads(self.q_proj(x_BxLxD), self.head_dim), cos_sin)
     k = apply_rotary(layers.split_heads(self.k_proj(x_BxLxD), self.head_dim), cos_sin)
     v = layers.split_heads(self.v_proj(x_BxLxD), self.head_dim)
-    if kv is not None:
-      start = (0, 0, index, 0)
-      kv = tuple(jax.lax.dynamic_update_slice(c, new.swapaxes(1, 2).astype(c.dtype), start)
-                 for c, new in zip(kv, (k, v)))
-      k, v = (c.swapaxes(1, 2).astype(q.dtype) for c in kv)
-    out = layers.attention(q, k, v, mask_BxLxS)
+    if kv is None and query_blocks is None:
+      return self.o_proj(layers.merge_heads(layers.attention(q, k, v, mask_BxLxS))), None
+    kv_new = (k.swapaxes(1, 2), v.swapaxes(1, 2))
+    if kv is None:
+      kv = kv_new
+    else:
+      kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, index, 0))
+                 for c, new in zip(kv, kv_new))
+    k, v = (c.astype(q.dtype) for c in kv)
+    out = attention(q, k, v, mask_BxLxS, query_blocks=query_blocks or 1)
     return self.o_proj(layers.merge_heads(out)), kv
 
 
@@ -155,8 +201,9 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = _rms_norm(cfg, **kw)
     self.mlp = MLP(cfg, **kw)
 
-  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None):
-    h, kv = self.self_attn(self.input_layernorm(x_BxLxD), cos_sin, mask_BxLxS, kv, index)
+  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, query_blocks=None):
+    h, kv = self.self_attn(self.input_layernorm(x_BxLxD), cos_sin, mask_BxLxS, kv, index,
+                           query_blocks)
     x_BxLxD = x_BxLxD + h
     return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD)), kv
 
@@ -199,22 +246,43 @@ class Llama(nnx.Module):
     output head on those alone. remat_policy (a `jax.checkpoint_policies`
     policy) rematerialises each decoder layer in the backward pass.
     """
+    hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask, cache, remat_policy)
+    if cache is not None:
+      keys, values = zip(*kvs)
+      cache = KVCache(keys=keys, values=values, index=cache.index + x_BxLxD.shape[1])
+    return hidden_BxLxD, cache
+
+  def prefill(self, x_BxLxD, positions_BxL, mask_BxL, max_len: int, dtype=None):
+    """`hidden_states` of prompts and a new cache of max_len slots holding their keys.
+
+    The prompts attend over their own L keys only, not over the max_len - L
+    empty slots, and each layer's keys are written once, into [0, L) (index L).
+    """
+    length = x_BxLxD.shape[1]
+    hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask_BxL, None,
+                                      query_blocks=-(-length // PREFILL_QUERY_BLOCK))
+    free = max_len - length
+    pad = lambda c: jnp.pad(c.astype(dtype or self.dtype), ((0, 0), (0, 0), (0, free), (0, 0)))
+    keys, values = zip(*((pad(k), pad(v)) for k, v in kvs))
+    index = jnp.asarray(length, jnp.int32)
+    return hidden_BxLxD, KVCache(keys=keys, values=values, index=index)
+
+  def _decoder(self, x_BxLxD, positions_BxL, mask, cache, remat_policy=None, query_blocks=None):
+    """The layers and the final norm; also each layer's keys and values [B, K, S, H]
+    (None without a cache or query_blocks; see Attention)."""
     q_len = x_BxLxD.shape[1]
     index = 0 if cache is None else cache.index
     mask_BxLxS = attention_mask(mask, q_len, q_len if cache is None else cache.max_len, index)
     cos_sin = rotary_tables(positions_BxL, rope_inverse_frequencies(self.config))
-    call = _call_layer if remat_policy is None else nnx.remat(_call_layer, policy=remat_policy)
+    call = lambda layer, *args: layer(*args, query_blocks=query_blocks)
+    call = call if remat_policy is None else nnx.remat(call, policy=remat_policy)
     x = x_BxLxD.astype(self.dtype)
-    new_keys, new_values = [], []
+    kvs = []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.keys[i], cache.values[i])
       x, kv = call(layer, x, cos_sin, mask_BxLxS, kv, index)
-      if kv is not None:
-        new_keys.append(kv[0])
-        new_values.append(kv[1])
-    if cache is not None:
-      cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), index=index + q_len)
-    return self.norm(x), cache
+      kvs.append(kv)
+    return self.norm(x), kvs
 
   def logits(self, hidden_BxLxD: jax.Array) -> jax.Array:
     """The output head (tied or not) on final hidden states."""
@@ -222,6 +290,3 @@ class Llama(nnx.Module):
       return self.embed_tokens.attend(hidden_BxLxD)
     return self.lm_head(hidden_BxLxD)
 
-
-def _call_layer(layer: DecoderLayer, *args):
-  return layer(*args)
