@@ -10,9 +10,10 @@ and the draw inverts the cumulative distribution with one uniform per row
 instead of one Gumbel variate per vocabulary entry. A sample's log-prob is
 under the model's own distribution (untempered, unfiltered).
 
-Engine (`Sampler`). A jitted prefill encodes the videos, runs the left-padded
-prompts once into a preallocated KV cache (prompt bucket + max_new_tokens
-slots) and repeats each row's cache for its n samples; a jitted
+Engine (`Sampler`). A jitted prefill encodes the videos and runs the
+left-padded prompts once, over their own keys, into a KV cache whose prefix
+(the prompts' keys) the n samples of a prompt share, plus max_new_tokens slots
+of each sample's own (see models.KVCache); a jitted
 `lax.while_loop` then samples and feeds one token per step for every row, in
 place in the donated cache, until all rows hit a stop id or max_new_tokens.
 Sample j of prompt u draws with its own key, fold_in(fold_in(key(seed), u), j),
@@ -194,8 +195,9 @@ def _shard_rows(tree, mesh):
 
 
 def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len=None,
-                   cache_dtype=None):
-  """Runs left-padded prompts, into a new cache of cache_len slots if given.
+                   cache_dtype=None, num_samples=1):
+  """Runs left-padded prompts, into a new cache of cache_len slots if given
+  (the prompts' keys shared by num_samples rows each).
 
   Returns the logits [B, V] after each prompt and the cache (or None). Left
   padding puts every row's last token at the end, so the output head runs
@@ -207,7 +209,8 @@ def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len=None,
   if cache_len is None:
     hidden_BxLxD, cache = model.hidden_states(*args)
   else:
-    hidden_BxLxD, cache = model.prefill(*args, cache_len, cache_dtype)
+    hidden_BxLxD, cache = model.prefill(*args, cache_len, cache_dtype,
+                                        num_samples)
   return model.logits(hidden_BxLxD[:, -1]), cache
 
 
@@ -220,14 +223,15 @@ def _score(graphdef, mesh, state, ids_BxL, mask_BxL, videos):
 
 def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
              *, num_samples, max_new_tokens):
-  """Runs the prompts once and repeats each row's cache for its n samples.
+  """Runs the prompts once, into a cache that n samples of each share.
 
   Returns the next-token logits of every sample and the decode loop's carry.
   """
   model = nnx.merge(graphdef, state)
   batch, length = ids_BxL.shape
   logits_BxV, cache = _prompt_logits(model, ids_BxL, mask_BxL, videos,
-                                     length + max_new_tokens, cache_dtype)
+                                     length + max_new_tokens, cache_dtype,
+                                     num_samples)
   repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
   rows = batch * num_samples
   carry = _Decoding(
@@ -240,7 +244,7 @@ def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
       positions=repeat(batching.positions(mask_BxL)[:, -1] + 1),
       valid=repeat(jnp.pad(mask_BxL.astype(bool),
                            ((0, 0), (0, max_new_tokens)))),
-      cache=cache.repeat_rows(num_samples),
+      cache=cache,
       step=jnp.zeros((), jnp.int32))
   return _shard_rows((repeat(logits_BxV), carry), mesh)
 

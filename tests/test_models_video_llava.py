@@ -76,23 +76,31 @@ def test_placeholder_count_mismatch_raises(pair):
     model.embed(jnp.asarray(ids), feats)
 
 
-def _greedy(model, ids, mask, frames, steps):
-  """Left-padded prefill, then one token per step at a shared cache index."""
+def _greedy(model, ids, mask, frames, steps, samples=None):
+  """Left-padded prompts through the cache, then one token per step at a shared
+  index: from `init_cache`, or from `prefill` for `samples` rows per prompt."""
   batch, prompt_len = ids.shape
-  cache = model.init_cache(batch, prompt_len + steps)
   valid = np.zeros((batch, prompt_len + steps), bool)
   valid[:, :prompt_len] = mask
   x = model.embed(jnp.asarray(ids), model.encode_video(jnp.asarray(frames)))
   pos = jnp.asarray(ref.positions(mask))
   decode = nnx.jit(lambda m, x, p, v, c: m.decode(x, p, v, c))
-  logits, cache = decode(model, x, pos, jnp.asarray(valid), cache)
+  if samples is None:
+    logits, cache = decode(model, x, pos, jnp.asarray(valid), model.init_cache(*valid.shape))
+    logits = logits[:, -1]
+  else:
+    prefill = nnx.jit(lambda m, x, p, v: m.prefill(x, p, v, valid.shape[1], num_samples=samples))
+    hidden, cache = prefill(model, x, pos, jnp.asarray(mask, bool))
+    logits = jnp.repeat(model.logits(hidden[:, -1]), samples, axis=0)
+    valid, pos = np.repeat(valid, samples, axis=0), jnp.repeat(pos, samples, axis=0)
   tokens = []
   for step in range(steps):
-    token = jnp.argmax(logits[:, -1], axis=-1)
+    token = jnp.argmax(logits, axis=-1)
     tokens.append(np.asarray(token))
     valid[:, prompt_len + step] = True
     pos = pos[:, -1:] + 1
     logits, cache = decode(model, model.embed(token[:, None]), pos, jnp.asarray(valid), cache)
+    logits = logits[:, -1]
   return np.stack(tokens, axis=1)
 
 
@@ -109,11 +117,10 @@ def test_greedy_decoding_with_cache_matches_generate(pair):
   np.testing.assert_array_equal(_greedy(model, ids, mask, frames, 16), expected)
 
 
-def test_cache_rows_repeat_for_multiple_samples(pair):
+def test_prefilled_cache_shared_by_samples_decodes_like_its_prompt(pair):
   _, model = pair
-  cache = model.init_cache(2, 8)
-  cache = cache.replace(keys=tuple(k.at[1].set(1.0) for k in cache.keys))
-  repeated = cache.repeat_rows(3)
-  assert repeated.keys[0].shape[0] == 6 and repeated.index.shape == ()
-  np.testing.assert_array_equal(np.asarray(repeated.keys[0][:, 0, 0, 0]), [0, 0, 0, 1, 1, 1])
-
+  ids, mask = ref.video_prompts(PROMPT_LENGTHS, model.config.num_video_tokens, seed=2)
+  frames = ref.videos(len(PROMPT_LENGTHS), seed=2)
+  alone = _greedy(model, ids, mask, frames, 8)
+  shared = _greedy(model, ids, mask, frames, 8, samples=3)
+  np.testing.assert_array_equal(shared, np.repeat(alone, 3, axis=0))

@@ -38,19 +38,27 @@ class KVCache:
   Heads come before slots so that attention over the cache contracts it in
   place: with [B, S, K, H], XLA copies (transposes) every layer's whole cache
   at each decode step, which made CPU decoding about four times slower.
+
+  A cache from `Llama.prefill` also holds a prefix: the prompts' keys and
+  values, once per prompt for its n consecutive sample rows, in slots [0, P)
+  before each row's own. So a decode step reads a prompt's keys once for all
+  its samples, and the prefill copies no keys into empty slots. Prefix keys
+  are [B / n, K, H, P], transposed, so that the n queries of a prompt take
+  them as one plain matrix product (faster on XLA:CPU); values [B / n, K, P, H].
   """
   keys: tuple[jax.Array, ...]
   values: tuple[jax.Array, ...]
-  index: jax.Array  # int32 scalar shared by all rows.
+  index: jax.Array  # int32 scalar shared by all rows: the next slot, prefix counted.
+  prefix_keys: tuple[jax.Array, ...] | None = None
+  prefix_values: tuple[jax.Array, ...] | None = None
+
+  @property
+  def prefix_len(self) -> int:
+    return 0 if self.prefix_values is None else self.prefix_values[0].shape[2]
 
   @property
   def max_len(self) -> int:
-    return self.keys[0].shape[2]
-
-  def repeat_rows(self, n: int) -> "KVCache":
-    """Each row n times in a row (row b becomes rows b*n .. b*n+n-1)."""
-    repeat = lambda xs: tuple(jnp.repeat(x, n, axis=0) for x in xs)
-    return self.replace(keys=repeat(self.keys), values=repeat(self.values))
+    return self.prefix_len + self.keys[0].shape[2]
 
 
 # Queries per attention block in a prefill (see `attention`): 64-128 ran best.
@@ -95,18 +103,24 @@ def apply_rotary(x_BxLxNxH: jax.Array, cos_sin) -> jax.Array:
   return (x * cos + rotated * sin).astype(x_BxLxNxH.dtype)
 
 
-def attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, *, query_blocks=1):
+def attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, *, prefix=None,
+              query_blocks=1):
   """Softmax attention over keys laid out heads first, as in the cache; GQA.
 
   Generation's attention (training keeps jax.nn.dot_product_attention). The
   products batch over (B, K) with no transposes, and the softmax sum divides
   the [L, H] output, not the [L, S] weights. Logits and the softmax are
-  float32 whatever the input dtype. query_blocks > 1 promises a causal
-  mask over keys [0, L) (prompts over their own keys): each block of queries
-  then skips the keys after its last query (for 4 blocks, 3/8 of the logits)
-  and its logits stay small enough for a CPU's caches. Together these make a
-  300-token prefill's attention about 1.7x faster on XLA:CPU than
-  jax.nn.dot_product_attention.
+  float32 whatever the input dtype.
+
+  prefix: keys [B / n, K, H, P] and values [B / n, K, P, H] that come before
+  k and v for n consecutive rows each (see KVCache); the mask then covers
+  P + S keys.
+
+  query_blocks > 1 promises a causal mask over keys [0, L) (prompts over
+  their own keys): each block of queries then skips the keys after its last
+  query (for 4 blocks, 3/8 of the logits) and its logits stay small enough for
+  a CPU's caches. Together these make a 300-token prefill's attention about
+  1.7x faster on XLA:CPU than jax.nn.dot_product_attention.
   """
   b, l, n, h = q_BxLxNxH.shape
   if query_blocks > 1:
@@ -116,16 +130,40 @@ def attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, *, query_blocks=1):
                   v_BxKxSxH[:, :, :i + size], mask_BxLxS[:, i:i + size, :i + size])
         for i in range(0, l, size)], axis=1)
   k = k_BxKxSxH.shape[1]
-  q_BxLxKxGxH = q_BxLxNxH.reshape(b, l, k, n // k, h) * jnp.asarray(h ** -0.5, q_BxLxNxH.dtype)
-  logits = jnp.einsum("blkgh,bksh->bkgls", q_BxLxKxGxH, k_BxKxSxH,
-                      preferred_element_type=jnp.float32)
+  q_BxKxGxLxH = q_BxLxNxH.reshape(b, l, k, n // k, h).transpose(0, 2, 3, 1, 4)
+  q_BxKxGxLxH *= jnp.asarray(h ** -0.5, q_BxLxNxH.dtype)
+  # Batch axes (B, K) lead every product: other orders made XLA:CPU's products
+  # over a shared prefix several times slower.
+  dot = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+  logits = dot("bkglh,bksh->bkgls", q_BxKxGxLxH, k_BxKxSxH)
+  if prefix is not None:
+    prefix_k, prefix_v = prefix
+    r = b // prefix_k.shape[0]
+    prefix_logits = dot("pkgrlh,pkhs->pkgrls", _by_prefix(q_BxKxGxLxH, r), prefix_k)
+    logits = jnp.concatenate([_by_row(prefix_logits), logits], axis=-1)
   logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
   weights_BxKxGxLxS = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  out_BxLxKxGxH = jnp.einsum("bkgls,bksh->blkgh", weights_BxKxGxLxS.astype(v_BxKxSxH.dtype),
-                             v_BxKxSxH, preferred_element_type=jnp.float32)
-  total_BxLxKxG = jnp.sum(weights_BxKxGxLxS, axis=-1).transpose(0, 3, 1, 2)
-  out_BxLxKxGxH /= total_BxLxKxG[..., None]
-  return out_BxLxKxGxH.reshape(b, l, n, h).astype(q_BxLxNxH.dtype)
+  total_BxKxGxL = jnp.sum(weights_BxKxGxLxS, axis=-1)
+  weights_BxKxGxLxS = weights_BxKxGxLxS.astype(v_BxKxSxH.dtype)
+  own = weights_BxKxGxLxS[..., -k_BxKxSxH.shape[2]:]
+  out_BxKxGxLxH = dot("bkgls,bksh->bkglh", own, v_BxKxSxH)
+  if prefix is not None:
+    prefix_w = _by_prefix(weights_BxKxGxLxS[..., :prefix_v.shape[2]], r)
+    out_BxKxGxLxH += _by_row(dot("pkgrls,pksh->pkgrlh", prefix_w, prefix_v))
+  out_BxKxGxLxH /= total_BxKxGxL[..., None]
+  out_BxLxNxH = out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
+  return out_BxLxNxH.astype(q_BxLxNxH.dtype)
+
+
+def _by_prefix(x_BxKxG_, r: int):
+  """[B, K, G, ...] -> [B / r, K, G, r, ...]: rows grouped by their prefix."""
+  return jnp.moveaxis(x_BxKxG_.reshape(-1, r, *x_BxKxG_.shape[1:]), 1, 3)
+
+
+def _by_row(x_PxKxGxR_):
+  """The inverse of `_by_prefix`."""
+  x = jnp.moveaxis(x_PxKxGxR_, 3, 1)
+  return x.reshape(-1, *x.shape[2:])
 
 
 def attention_mask(mask, q_len: int, k_len: int, index) -> jax.Array:
@@ -151,11 +189,12 @@ class Attention(nnx.Module):
     self.v_proj = layers.dense(d, kv_dim, ("embed", "kv_heads"), **kw)
     self.o_proj = layers.dense(q_dim, d, ("heads", "embed"), **kw)
 
-  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, query_blocks=None):
-    """Output and keys/values: kv (a cache) is updated at index and attended
-    over; without kv, query_blocks None attends as in training (no keys
-    returned), and an int runs a prefill (see `attention`) and returns the
-    call's own keys/values [B, K, L, H]."""
+  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, prefix=None,
+               query_blocks=None):
+    """Output and keys/values: kv (a layer's cache, after `prefix` if any) is
+    updated at its slot index and attended over; without kv, query_blocks None
+    attends as in training (no keys returned), and an int runs a prefill (see
+    `attention`) and returns the call's own keys/values [B, K, L, H]."""
     q = apply_rotary(layers.split_heads(self.q_proj(x_BxLxD), self.head_dim), cos_sin)
     k = apply_rotary(layers.split_heads(self.k_proj(x_BxLxD), self.head_dim), cos_sin)
     v = layers.split_heads(self.v_proj(x_BxLxD), self.head_dim)
@@ -168,7 +207,7 @@ class Attention(nnx.Module):
       kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, index, 0))
                  for c, new in zip(kv, kv_new))
     k, v = (c.astype(q.dtype) for c in kv)
-    out = attention(q, k, v, mask_BxLxS, query_blocks=query_blocks or 1)
+    out = attention(q, k, v, mask_BxLxS, prefix=prefix, query_blocks=query_blocks or 1)
     return self.o_proj(layers.merge_heads(out)), kv
 
 
@@ -201,9 +240,10 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = _rms_norm(cfg, **kw)
     self.mlp = MLP(cfg, **kw)
 
-  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, query_blocks=None):
+  def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, prefix=None,
+               query_blocks=None):
     h, kv = self.self_attn(self.input_layernorm(x_BxLxD), cos_sin, mask_BxLxS, kv, index,
-                           query_blocks)
+                           prefix, query_blocks)
     x_BxLxD = x_BxLxD + h
     return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD)), kv
 
@@ -249,23 +289,26 @@ class Llama(nnx.Module):
     hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask, cache, remat_policy)
     if cache is not None:
       keys, values = zip(*kvs)
-      cache = KVCache(keys=keys, values=values, index=cache.index + x_BxLxD.shape[1])
+      cache = cache.replace(keys=keys, values=values, index=cache.index + x_BxLxD.shape[1])
     return hidden_BxLxD, cache
 
-  def prefill(self, x_BxLxD, positions_BxL, mask_BxL, max_len: int, dtype=None):
-    """`hidden_states` of prompts and a new cache of max_len slots holding their keys.
+  def prefill(self, x_BxLxD, positions_BxL, mask_BxL, max_len: int, dtype=None,
+              num_samples: int = 1):
+    """`hidden_states` of B prompts and a new cache of max_len slots for n samples each.
 
-    The prompts attend over their own L keys only, not over the max_len - L
-    empty slots, and each layer's keys are written once, into [0, L) (index L).
+    The prompts attend over their own L keys only, which become the cache's
+    prefix (slots [0, L), index L) for rows b * n .. b * n + n - 1; each row
+    gets max_len - L empty slots of its own.
     """
-    length = x_BxLxD.shape[1]
+    batch, length = x_BxLxD.shape[:2]
     hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask_BxL, None,
                                       query_blocks=-(-length // PREFILL_QUERY_BLOCK))
-    free = max_len - length
-    pad = lambda c: jnp.pad(c.astype(dtype or self.dtype), ((0, 0), (0, 0), (0, free), (0, 0)))
-    keys, values = zip(*((pad(k), pad(v)) for k, v in kvs))
-    index = jnp.asarray(length, jnp.int32)
-    return hidden_BxLxD, KVCache(keys=keys, values=values, index=index)
+    dtype = dtype or self.dtype
+    prefix_keys = tuple(k.swapaxes(2, 3).astype(dtype) for k, _ in kvs)
+    prefix_values = tuple(v.astype(dtype) for _, v in kvs)
+    cache = self.init_cache(batch * num_samples, max_len - length, dtype)
+    return hidden_BxLxD, cache.replace(index=jnp.asarray(length, jnp.int32),
+                                       prefix_keys=prefix_keys, prefix_values=prefix_values)
 
   def _decoder(self, x_BxLxD, positions_BxL, mask, cache, remat_policy=None, query_blocks=None):
     """The layers and the final norm; also each layer's keys and values [B, K, S, H]
@@ -279,8 +322,12 @@ class Llama(nnx.Module):
     x = x_BxLxD.astype(self.dtype)
     kvs = []
     for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.keys[i], cache.values[i])
-      x, kv = call(layer, x, cos_sin, mask_BxLxS, kv, index)
+      kv, prefix, slot = None, None, None
+      if cache is not None:
+        kv, slot = (cache.keys[i], cache.values[i]), index - cache.prefix_len
+        if cache.prefix_keys is not None:
+          prefix = (cache.prefix_keys[i], cache.prefix_values[i])
+      x, kv = call(layer, x, cos_sin, mask_BxLxS, kv, slot, prefix)
       kvs.append(kv)
     return self.norm(x), kvs
 

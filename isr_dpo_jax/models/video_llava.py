@@ -95,9 +95,12 @@ class VideoLlava(nnx.Module):
     return self.language_model.hidden_states(x_BxLxD, positions_BxL, mask, cache,
                                              remat_policy=remat_policy)
 
-  def prefill(self, x_BxLxD, positions_BxL, mask_BxL, max_len: int, dtype=None):
-    """`hidden_states` of prompts and a new cache of max_len slots; see llama.py."""
-    return self.language_model.prefill(x_BxLxD, positions_BxL, mask_BxL, max_len, dtype)
+  def prefill(self, x_BxLxD, positions_BxL, mask_BxL, max_len: int, dtype=None,
+              num_samples: int = 1):
+    """`hidden_states` of prompts and a new cache of max_len slots for
+    num_samples rows each; see llama.py."""
+    return self.language_model.prefill(x_BxLxD, positions_BxL, mask_BxL, max_len, dtype,
+                                       num_samples)
 
   def logits(self, hidden_BxLxD: jax.Array) -> jax.Array:
     """The output head on final hidden states (see `hidden_states`)."""
