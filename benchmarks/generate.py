@@ -20,20 +20,31 @@ side's utilisation divides them by its time and by its own float32 (or
   python benchmarks/generate.py --device cuda --dtype bfloat16   # GPU
 
 The last line printed is speedup_vs_hf_generate=<hf seconds / our seconds>.
-Measured (best of 5 interleaved runs; the CPU is a 2-core Xeon VM shared with
-other jobs, so +-10%):
+Measured (best of 5 interleaved runs) on a 2-core Xeon VM while another job
+kept one core busy (load average ~4; matmul 190-240 GFLOP/s against ~360
+idle), so the CPU rows are slower than on an idle machine, and under that
+load torch's threads sometimes spin-wait: some runs gave transformers 46-50 s
+(not shown). The CPU rows predate the last change (top-p row by row), which
+took another ~6% off ours in an interleaved same-process comparison; the H200
+row predates the shared prompt cache and is not rerun.
 
   setting                       ours s  tok/s  MFU   HF s  tok/s  MFU  speedup
-  CPU f32, 16 prompts             3.94    260  25%   5.79    177  15%     1.47
-  CPU f32, 8 prompts x 2          3.32    309  20%   5.75    178   9%     1.73
+  CPU f32, 16 prompts             3.91    262  39%   5.84    175  29%     1.49
+  CPU f32, 8 prompts x 2          3.03    338  39%   5.98    171  18%     1.97
   H200 bf16, 16 prompts          0.049  20701   5%  0.617   1659  0.1%   12.5
 
-On the CPU both sides are bound by memory bandwidth while decoding (weights
-and a 190 MB cache per step); ours decodes in ~42 ms a step against ~80 for
-transformers (no cache concatenation, no Python per token, no vocabulary
-sort), but XLA's CPU attention is slower than torch's fused SDPA (prefill ~90
-vs ~17 ms a layer; decode attention runs single-threaded), so the prefill
-costs more here and the total stays under 2x.
+Where the CPU time goes (16 prompts): the prefill, ~1.3 s, is ~1.0 s of
+dense matmuls (242 GFLOP) and ~0.2 s of video tower; each decode step, ~35-40
+ms, is about half streaming the float32 weights (100 MB of layers and a 65 MB
+output head, as matrix products of 16 rows), a quarter attention over the
+cache (~175 MB), and the rest the exact top-p, the draw and small ops. Both
+sides are bound by memory bandwidth while decoding; ours is ~2x faster a step
+(no cache concatenation, no Python per token, no vocabulary sort). 3x is out
+of reach here: with the prefill at the matmul peak (~1.1 s) and every step
+streaming its ~340 MB at the ~30 GB/s this VM reaches (~11 ms), a call would
+still take ~1.8 s, ~3.2x transformers', so both phases would have to run at
+their roofline at once. With n samples per prompt the prompt's keys are read
+once per step for all n (see models.KVCache), hence the larger gain.
 """
 import argparse
 import os

@@ -14,10 +14,11 @@ KV cache contract (for generation): `init_cache(B, S)` preallocates S slots per
 row and sets the shared write index to 0. Each call with a cache writes its Lq
 keys/values at slots [index, index + Lq) of every row, attends over all S slots
 through the mask, and returns the cache with index += Lq. With prompts
-left-padded to P: `prefill(x, positions, valid, S)` runs them (positions =
-cumsum(valid) - 1) over their own P keys and returns a cache holding them in
-slots [0, P); each decode step then writes one token at slot P + t, with its
-position and a [B, S] validity mask extended by that slot. The caller keeps
+left-padded to P: `prefill(x, positions, valid, S, num_samples=n)` runs them
+(positions = cumsum(valid) - 1) over their own P keys and returns a cache for
+B * n rows holding those keys in slots [0, P), once per prompt (a prefix, see
+KVCache); each decode step then writes one token at slot P + t, with its
+position and a [B * n, S] validity mask extended by that slot. The caller keeps
 index + Lq <= S (a write past the end is clamped by XLA, not reported). The cache
 is a pytree of arrays (index included), so it can be donated to a jitted step.
 """
