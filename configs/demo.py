@@ -1,6 +1,6 @@
 """The built-in experiment (`make demo`): SFT, then ISR-DPO and two ablations.
 
-Sized for about 13 minutes on 2 CPU cores. See isr_dpo_jax/demo.py.
+Sized for about 15 minutes on 2 CPU cores. See isr_dpo_jax/demo.py.
 """
 from isr_dpo_jax import defaults
 
@@ -8,18 +8,22 @@ from isr_dpo_jax import defaults
 def get_config():
   config = defaults.get_config()
   config.iterations = 3
-  config.world = defaults.world(num_videos=dict(train=300, test=32))
-  # 16 px patches: 4 video tokens per frame, 32 per clip, so SFT steps are cheap.
-  config.world.model.update(hidden_size=128, intermediate_size=256,
+  # SFT stage 1 reads one caption per training clip; stage 2 the first 300.
+  config.world = defaults.world(num_videos=dict(train=2000, test=32))
+  # 16 px patches: 5 video tokens per frame (CLS included), 40 per clip.
+  config.world.model.update(hidden_size=128, intermediate_size=256, num_layers=4,
                             vision_hidden_size=64, patch_size=16)
   config.demo = dict(
-      qa_share=0.15,  # of the training clips' QA pairs in the SFT mix
+      align=dict(epochs=4, learning_rate=3e-3),  # SFT stage 1: captions only
+      mix_clips=300,  # SFT stage 2 (config.sft) on these clips:
+      qa_share=0.15,  # of their QA pairs in the mix
       judge_share=0.5,  # judge examples per QA pair
       judge_context_share=0.5,  # judge examples that show the description
       revision_share=0.5,  # revision examples per clip
   )
-  # The tower is random (no pretrained one at this size): SFT trains all of it.
-  config.sft.update(batch_size=16, epochs=3, learning_rate=3e-3, frozen=())
+  # The tower is random and stays so (see demo.py); the projector and the
+  # LLM learn to read it.
+  config.sft.update(batch_size=16, epochs=3, learning_rate=3e-3)
   config.sampling.buckets = (64, 128, 256)
   config.sampling.answer.max_new_tokens = 12
   config.sampling.context.max_new_tokens = 96

@@ -1,15 +1,22 @@
 """The built-in experiment: `isr-dpo demo` (what `make demo` runs).
 
 On the synthetic video world (data/synthetic.py), in `<workdir>/`:
-  world/, init/           the world's videos and jsonl files; a random pi_0
-  sft/                    SFT warm start -> sft/model, the shared starting point
+  world/, init/           the world's videos and jsonl files; a random model
+  align/                  SFT stage 1, captions only -> align/model
+  sft/                    SFT stage 2, the mix -> sft/model = pi_0 of every arm
   isr_dpo/                ISR-DPO iterations (iterate.py), judge with context
   no_context/             the same, the judge denied the context
   no_retrospection/       the same, each context written from scratch
   summary.json, report.md accuracy, answer length, judge agreement, pair yield
                           and wall times per arm and iteration; report.png
 
-The SFT mix keeps the model imperfect at QA (a small share of the QA pairs,
+SFT has LLaVA's two stages. Stage 1 (alignment) trains on one caption per
+training clip, nothing else: the model is random, and captions are the
+densest signal that makes it read the video (in the mix, the text prior of
+the long examples wins and the model stays blind). The tower stays frozen in
+both stages, as LLaVA's is: a random tower trained at the LM's learning rate
+inflates its response to the white background until its layer norm drowns
+the shapes. Stage 2's mix keeps the model imperfect at QA (a small share of the QA pairs,
 every caption and description) and teaches it the two skills the loop asks of
 a model that a real LLM brings from its own instruction tuning: judging two
 answers (half of the examples with the ground-truth description as context,
@@ -64,17 +71,22 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   ground_truth = workdir / "world" / "ground_truth.jsonl"
   timings_path = workdir / "timings.json"
   timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-  phases = ["sft", *ARMS]
+  phases = ["align", "sft", *ARMS]
   with tqdm.tqdm(phases, desc="demo", unit="phase") as bar:
     for phase in bar:
       bar.set_postfix_str(phase)
       if phase in timings:
         continue
       clock = time.perf_counter()
-      if phase == "sft":
+      if phase == "align":
+        captions = write_captions(ground_truth, workdir / "align_data.jsonl")
+        sft.run(sft_config(config, world, captions, world.init_checkpoint,
+                           config.demo.align), workdir / "align")
+      elif phase == "sft":
         mix = write_sft_mix(ground_truth, judge.Prompts(**config.prompts),
                             config.demo, config.seed, workdir / "sft_data.jsonl")
-        sft.run(sft_config(config, world, mix), workdir / "sft")
+        sft.run(sft_config(config, world, mix, workdir / "align" / "model"),
+                workdir / "sft")
       else:
         iterate.run(arm_config(config, world, workdir, ARMS[phase]), workdir / phase)
       timings[phase] = time.perf_counter() - clock
@@ -90,20 +102,36 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 # The SFT data.
 
 
+def _record(clip: dict, question: str, answer: str, index: int) -> dict:
+  return {"id": f"{clip['id']}_sft{index}", "video": clip["video"],
+          "conversations": [{"from": "human", "value": f"<video>\n{question}"},
+                            {"from": "gpt", "value": answer}]}
+
+
+def _training_clips(ground_truth: pathlib.Path, limit: int | None = None) -> list[dict]:
+  clips = [c for c in map(json.loads, ground_truth.open()) if c["split"] == "train"]
+  return clips[:limit]
+
+
+def write_captions(ground_truth: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
+  """Stage 1's data: one caption record per training clip."""
+  clips = _training_clips(ground_truth)
+  records.write_jsonl(path, [_record(c, synthetic.CAPTION_PROMPT, c["caption"], i)
+                             for i, c in enumerate(clips)])
+  return path
+
+
 def write_sft_mix(ground_truth: pathlib.Path, prompts: judge.Prompts, cfg,
                   seed: int, path: pathlib.Path) -> pathlib.Path:
-  """Instruction records of the training clips (see the module doc)."""
+  """Stage 2's instruction records, on the first `cfg.mix_clips` training
+  clips (see the module doc)."""
   rng = np.random.default_rng(seed)
   out = []
 
   def add(clip, question, answer):
-    out.append({"id": f"{clip['id']}_sft{len(out)}", "video": clip["video"],
-                "conversations": [{"from": "human", "value": f"<video>\n{question}"},
-                                  {"from": "gpt", "value": answer}]})
+    out.append(_record(clip, question, answer, len(out)))
 
-  for clip in map(json.loads, ground_truth.open()):
-    if clip["split"] != "train":
-      continue
+  for clip in _training_clips(ground_truth, cfg.mix_clips):
     add(clip, synthetic.CAPTION_PROMPT, clip["caption"])
     add(clip, prompts.first_context, clip["description"])
     if rng.random() < cfg.revision_share:
@@ -141,11 +169,14 @@ def judge_example(clip: dict, qa: dict, prompts: judge.Prompts, context_share: f
 # Configs of the phases.
 
 
-def sft_config(config, world: bootstrap.Setup, mix: pathlib.Path):
+def sft_config(config, world: bootstrap.Setup, data: pathlib.Path,
+               checkpoint: pathlib.Path, overrides=None):
+  """An SFT stage on `data` from `checkpoint`; `overrides` of config.sft."""
   c = config.copy_and_resolve_references()
   c.world = None
-  c.model.checkpoint = str(world.init_checkpoint)
-  c.sft.data = str(mix)
+  c.model.checkpoint = str(checkpoint)
+  c.sft.data = str(data)
+  c.sft.update(overrides or {})
   c.data.video_root = str(world.video_root)
   return c
 
@@ -179,7 +210,8 @@ def summarize(workdir: pathlib.Path, iterations: int, answers: dict[str, str],
                          **_judging(workdir / arm / f"iter_{t}", answers),
                          pairs_kept=s["pairs"], seconds=_stage_seconds(workdir / arm, s))
                     for t, s in enumerate(its)])
-  return dict(sft=dict(seconds=timings.get("sft"), **arms["isr_dpo"]["sft"]),
+  sft_seconds = sum(timings.get(stage) or 0 for stage in ("align", "sft"))
+  return dict(sft=dict(seconds=sft_seconds, **arms["isr_dpo"]["sft"]),
               arms=arms)
 
 

@@ -5,6 +5,7 @@ import pathlib
 
 import numpy as np
 import pytest
+import safetensors.numpy
 
 from isr_dpo_jax import demo
 from isr_dpo_jax import judge
@@ -81,6 +82,24 @@ def test_rerun_continues_from_the_finished_phases(demo_run):
   stamp = (workdir / "sft" / "model" / "model.safetensors").stat().st_mtime
   assert demo.run(demo_config(), workdir) == summary
   assert (workdir / "sft" / "model" / "model.safetensors").stat().st_mtime == stamp
+
+
+def test_sft_stage_1_reads_captions_of_every_training_clip(demo_run):
+  workdir, _ = demo_run
+  train = [c for c in read_jsonl(workdir / "world" / "ground_truth.jsonl")
+           if c["split"] == "train"]
+  captions = [records.conversation_turns(r["conversations"])[0]
+              for r in read_jsonl(workdir / "align_data.jsonl")]
+  assert captions == [(f"<video>\n{synthetic.CAPTION_PROMPT}", c["caption"]) for c in train]
+
+
+def test_sft_keeps_the_random_tower_and_trains_the_rest(demo_run):
+  workdir, _ = demo_run
+  weights = {stage: safetensors.numpy.load_file(workdir / stage / "model.safetensors")
+             for stage in ("init", "align/model", "sft/model")}
+  for name, init in weights["init"].items():
+    moved = [not np.array_equal(init, weights[s][name]) for s in ("align/model", "sft/model")]
+    assert moved == ([False, False] if "tower" in name else [True, True]), name
 
 
 def test_sft_mix_teaches_judging_and_revision(demo_run):
