@@ -16,11 +16,20 @@ densest signal that makes it read the video (in the mix, the text prior of
 the long examples wins and the model stays blind). The tower stays frozen in
 both stages, as LLaVA's is: a random tower trained at the LM's learning rate
 inflates its response to the white background until its layer norm drowns
-the shapes. Stage 2's mix keeps the model imperfect at QA (a small share of the QA pairs,
-every caption and description) and teaches it the two skills the loop asks of
-a model that a real LLM brings from its own instruction tuning: judging two
-answers (half of the examples with the ground-truth description as context,
-half without) and revising an earlier description that has an error in it.
+the shapes. Stage 2's mix keeps the model imperfect at QA (a small share of
+the QA pairs, every description) and teaches it the two skills the loop asks
+of a model that a real LLM brings from its own instruction tuning: judging
+two answers (some examples with the ground-truth description as context,
+the others without) and revising an earlier description that has an error
+in it.
+
+The judge is generative and judges step by step: "red: yes. blue: no.
+Answer A" says, for each response's answer word, whether the description
+(or, without one, the video) shows it, then names the response. A one-letter
+verdict is beyond this model: the letter depends on which response holds
+which word, and its loss stayed at chance through 550 judge-only steps with
+the true description shown, whereas each step of the written verdict is
+learnt on its own (copy a word, look it up, compare two yes/no).
 
 Judge agreement: among the kept pairs of an iteration where exactly one of
 the two answers is correct, the share whose chosen answer is the correct one.
@@ -132,7 +141,6 @@ def write_sft_mix(ground_truth: pathlib.Path, prompts: judge.Prompts, cfg,
     out.append(_record(clip, question, answer, len(out)))
 
   for clip in _training_clips(ground_truth, cfg.mix_clips):
-    add(clip, synthetic.CAPTION_PROMPT, clip["caption"])
     add(clip, prompts.first_context, clip["description"])
     if rng.random() < cfg.revision_share:
       add(clip, judge.context_question(prompts, corrupt(clip["description"], rng)),
@@ -156,14 +164,23 @@ def corrupt(text: str, rng: np.random.Generator) -> str:
 
 def judge_example(clip: dict, qa: dict, prompts: judge.Prompts, context_share: float,
                   rng: np.random.Generator) -> tuple[str, str]:
-  """A judge question between the true response and a wrong one, and its letter."""
-  wrong = re.sub(rf"\b{qa['answer']}\b", str(rng.choice(synthetic.alternatives(qa["answer"]))),
-                 qa["response"])
+  """A judge question between the true response and a wrong one, and its
+  step-by-step verdict (see the module doc)."""
+  wrong_word = str(rng.choice(synthetic.alternatives(qa["answer"])))
+  wrong = re.sub(rf"\b{qa['answer']}\b", wrong_word, qa["response"])
   context = clip["description"] if rng.random() < context_share else None
   true_first = bool(rng.random() < 0.5)
   a, b = (qa["response"], wrong) if true_first else (wrong, qa["response"])
+  words = (qa["answer"], wrong_word) if true_first else (wrong_word, qa["answer"])
   return (judge.judge_question(prompts, qa["question"], a, b, context),
-          "A" if true_first else "B")
+          verdict(clip["description"], *words, "A" if true_first else "B"))
+
+
+def verdict(description: str, word_a: str, word_b: str, letter: str) -> str:
+  """"red: yes. blue: no. Answer A": whether the description shows each
+  response's answer word, then the true response's letter."""
+  shown = lambda word: "yes" if synthetic.mentions(description.lower(), word) else "no"
+  return f"{word_a}: {shown(word_a)}. {word_b}: {shown(word_b)}. Answer {letter}"
 
 
 # Configs of the phases.

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -33,8 +34,9 @@ def demo_config():
   config.sampling.batch_size = 8
   config.sampling.context.max_new_tokens = 12
   config.eval.batch_size = 8
-  # A model this small judges by letter bias alone: keep pairs on the average.
-  config.judge.update(threshold=0.5, require_agreement=False)
+  # A model this small writes no parsable verdict and prefers a letter:
+  # judge by letter likelihood and keep pairs on the average, so DPO runs.
+  config.judge.update(mode="likelihood", threshold=0.5, require_agreement=False)
   config.train.update(batch_size=8, epochs=1)
   return config
 
@@ -111,28 +113,34 @@ def test_sft_mix_teaches_judging_and_revision(demo_run):
            if c["split"] == "train"]
   assert {r["video"] for r in mix} == {c["video"] for c in train}
   asked = [q.removeprefix("<video>\n") for q, _ in turns]
-  assert asked.count(synthetic.CAPTION_PROMPT) == len(train)
   assert asked.count(prompts.first_context) == len(train)
   verdicts = [a for q, a in turns if "Response A:" in q]
-  assert verdicts and set(verdicts) <= {"A", "B"}
+  assert verdicts and {judge.parse_verdict(v) for v in verdicts} == {"A", "B"}
   revisions = [q for q in asked if q.startswith("Here is a description")]
   assert revisions
 
 
-def test_judge_example_letter_names_the_true_response():
+def test_judge_example_verdict_checks_each_answer_then_names_the_true_one():
   clip = synthetic.make_clip("train_00003")
   record = dict(description=clip.description)
   rng = np.random.default_rng(0)
-  letters = set()
+  letters, shown = set(), set()
   for qa in clip.qa * 4:
-    question, letter = demo.judge_example(record, qa, judge.Prompts(), 0.5, rng)
+    question, verdict = demo.judge_example(record, qa, judge.Prompts(), 0.5, rng)
     a = question.split("Response A: ")[1].split("\n")[0]
     b = question.split("Response B: ")[1].split("\n")[0]
+    letter = judge.parse_verdict(verdict)
     chosen, other = (a, b) if letter == "A" else (b, a)
     assert chosen == qa["response"]
     assert not synthetic.answer_is_correct(other, qa["answer"])
+    (word_a, seen_a), (word_b, seen_b) = (
+        part.split(": ") for part in verdict.split(". ")[:2])
+    assert synthetic.answer_is_correct(a, word_a) and synthetic.answer_is_correct(b, word_b)
+    for word, seen in ((word_a, seen_a), (word_b, seen_b)):
+      assert seen == ("yes" if re.search(rf"\b{word}\b", clip.description.lower()) else "no")
+      shown.add(seen)
     letters.add(letter)
-  assert letters == {"A", "B"}
+  assert letters == {"A", "B"} and shown == {"yes", "no"}
 
 
 def test_corrupt_replaces_one_word_by_another_of_its_kind():

@@ -284,7 +284,8 @@ def questions(truth: Mapping, rng: np.random.Generator) -> list[dict]:
   return qa
 
 
-def _mentions(text: str, word: str) -> bool:
+def mentions(text: str, word: str) -> bool:
+  """Whether lower-case `text` has `word` in one of its forms ("2", "appeared")."""
   return any(re.search(rf"\b{re.escape(form)}\b", text)
              for form in _FORMS.get(word, (word,)))
 
@@ -306,8 +307,8 @@ def answer_is_correct(response: str, answer: str) -> bool:
   text, answer = response.lower(), answer.lower().strip(" .")
   category = next((c for c in _CATEGORIES if answer in c), None)
   if category is None:
-    return all(_mentions(text, word) for word in answer.split())
-  return [word for word in category if _mentions(text, word)] == [answer]
+    return all(mentions(text, word) for word in answer.split())
+  return [word for word in category if mentions(text, word)] == [answer]
 
 
 # Records and files.
