@@ -1,6 +1,6 @@
 """The built-in experiment (`make demo`): SFT, then ISR-DPO and two ablations.
 
-Sized for about 15 minutes on 2 CPU cores. See isr_dpo_jax/demo.py.
+Sized for about 13 minutes on 2 CPU cores. See isr_dpo_jax/demo.py.
 """
 from isr_dpo_jax import defaults
 
