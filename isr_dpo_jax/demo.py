@@ -113,8 +113,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
 
 def _record(clip: dict, question: str, answer: str, index: int) -> dict:
   return {"id": f"{clip['id']}_sft{index}", "video": clip["video"],
-          "conversations": [{"from": "human", "value": f"<video>\n{question}"},
-                            {"from": "gpt", "value": answer}]}
+          "conversations": synthetic.turns(question, answer)}
 
 
 def _training_clips(ground_truth: pathlib.Path, limit: int | None = None) -> list[dict]:

@@ -314,7 +314,8 @@ def answer_is_correct(response: str, answer: str) -> bool:
 # Records and files.
 
 
-def _turns(question: str, response: str) -> list[dict]:
+def turns(question: str, response: str) -> list[dict]:
+  """A one-turn ShareGPT conversation about the video."""
   return [{"from": "human", "value": f"<video>\n{question}"},
           {"from": "gpt", "value": response}]
 
@@ -324,7 +325,7 @@ def sft_records(clip: Clip, video: str) -> list[dict]:
   pairs = [(q["question"], q["response"]) for q in clip.qa]
   pairs += [(CAPTION_PROMPT, clip.caption), (DESCRIBE_PROMPT, clip.description)]
   return [{"id": f"{clip.id}_{i}", "video": video,
-           "conversations": _turns(question, response)}
+           "conversations": turns(question, response)}
           for i, (question, response) in enumerate(pairs)]
 
 
@@ -332,7 +333,7 @@ def eval_records(clip: Clip, video: str) -> list[dict]:
   """Test QA records; the answer is the canonical word, `kind` says its type."""
   return [{"id": f"{clip.id}_{i}", "video": video, "caption": clip.caption,
            "kind": q["kind"],
-           "conversations": _turns(q["question"], q["answer"])}
+           "conversations": turns(q["question"], q["answer"])}
           for i, q in enumerate(clip.qa)]
 
 
