@@ -3,7 +3,8 @@ import pytest
 
 from isr_dpo_jax.data import templates
 
-# METHOD.md, section 4, and the Vicuna v1.1 / LLaVA "TWO" separator style.
+# github.com/RifleZhang/LLaVA-Hound-DPO, llava_hound_dpo/llava/conversation.py,
+# conv_vicuna_v1: the Vicuna v1.1 / LLaVA "TWO" separator style.
 SYSTEM = ("A chat between a curious user and an artificial intelligence "
           "assistant. The assistant gives helpful, detailed, and polite "
           "answers to the user's questions.")
@@ -23,10 +24,17 @@ def test_vicuna_v1_prompt_and_target_are_the_lineage_strings():
       SYSTEM + " USER: <video>\nWhat is he doing? ASSISTANT:")
 
 
-def test_v1_custom_adds_the_two_sentence_instruction():
+# github.com/snumprlab/isr-dpo, llava/conversation.py, conv_vicuna_v1_custom
+# (commit 91331d5), word for word: no "detailed".
+V1_CUSTOM_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, and polite answers to the user's questions. "
+    "Answer the response within two sentences.")
+
+
+def test_v1_custom_is_isr_dpos_system_text_word_for_word():
   prompt = templates.get("v1_custom").prompt("Why?")
-  assert prompt == (SYSTEM + " Answer the response within two sentences."
-                    " USER: <video>\nWhy? ASSISTANT:")
+  assert prompt == V1_CUSTOM_SYSTEM + " USER: <video>\nWhy? ASSISTANT:"
 
 
 def test_multi_turn_separators():

@@ -108,8 +108,11 @@ def resolve(spec: str | Mapping) -> Template:
 
 
 register(Template(name="vicuna_v1", system=VICUNA_SYSTEM))
-# LLaVA-Hound's variant for short answers: the same layout, one more sentence
-# of system text (METHOD.md, section 4).
+# ISR-DPO's variant for short answers, `conv_vicuna_v1_custom` of its
+# llava/conversation.py (github.com/snumprlab/isr-dpo): the same layout, a
+# system text without "detailed" and with one more sentence.
 register(Template(
     name="v1_custom",
-    system=VICUNA_SYSTEM + " Answer the response within two sentences."))
+    system=("A chat between a curious user and an artificial intelligence "
+            "assistant. The assistant gives helpful, and polite answers to the "
+            "user's questions. Answer the response within two sentences.")))
