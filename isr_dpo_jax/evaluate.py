@@ -6,7 +6,10 @@ Per test set, predictions and judgments are appended to
 `{workdir}/{test set}/predictions.jsonl` and `judgments.jsonl` as they come,
 keyed by record id, so a killed run picks up where it stopped; the table goes
 to `{workdir}/results.md` and `results.jsonl`. Answers come from
-`answer_fn(records) -> predictions` (greedy decoding by the generation engine).
+`answer_fn(records) -> predictions` (greedy decoding by the generation engine);
+a record it cannot answer (its video does not decode) is skipped like a bad
+test line: logged as file:line, listed in `{test set}/errors.jsonl`, counted in
+the table's Skipped column, never judged.
 Scores come from the caption-grounded judge of `eval.judge_prompt` (any
 `eval.judge_client.Judge`), or, for test sets whose answers can be checked
 (the synthetic world's), from a checker without any judge.
@@ -33,7 +36,9 @@ from isr_dpo_jax.eval import scoring
 from isr_dpo_jax.eval import tables
 from isr_dpo_jax.eval import test_sets
 
-AnswerFn = Callable[[Sequence[test_sets.QARecord]], Sequence[str]]
+# One answer per record, or the BadRecord that says why there is none.
+AnswerFn = Callable[[Sequence[test_sets.QARecord]],
+                    Sequence[str | records.BadRecord]]
 
 
 def default_config() -> config_dict.ConfigDict:
@@ -43,7 +48,7 @@ def default_config() -> config_dict.ConfigDict:
       # Folder of `{name}.qa.jsonl`: video_instruction/test of
       # ShareGPTVideo/test_video_and_instruction.
       test_root=config_dict.placeholder(str),
-      max_error_rate=0.01,  # share of bad test records that stops the run
+      max_error_rate=0.01,  # share of bad test-file lines that stops the run
       batch_size=32,  # records per answer_fn call
       scoring="judge",  # "judge" or "match" (checker, no judge)
       judge=dict(
@@ -95,23 +100,23 @@ def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
                     judge: judge_client.Judge | None = None) -> list[dict]:
   """Greedy answers of `policy` on `test_sets`, scored as config.eval says.
 
-  A test video that does not decode is logged and answered with "".
+  A record whose video does not decode is skipped (reason "bad_video").
   """
   greedy = sampling.SamplingParams(
       temperature=0.0, max_new_tokens=config.sampling.answer.max_new_tokens)
 
   def answer_fn(batch):
-    pixels, ok = [], []
+    answers, pixels, ok = {}, [], []
     for r in batch:
       try:
         pixels.append(policy.video(r.video))
         ok.append(r)
       except video_lib.VideoError as e:
-        logging.warning("eval: skipping %s: %s", r.id, e)
+        answers[r.id] = records.BadRecord("bad_video", f"record {r.id}: {e}")
     uids = [policy_lib.stable_uid("eval", r.id) for r in ok]
     samples = policy.sample([r.question for r in ok], pixels, uids, greedy) if ok else []
-    texts = {r.id: s[0].text for r, s in zip(ok, samples)}
-    return [texts.get(r.id, "") for r in batch]
+    answers.update((r.id, s[0].text) for r, s in zip(ok, samples))
+    return [answers[r.id] for r in batch]
 
   eval_config = config_dict.ConfigDict(config.eval)
   eval_config.test_sets = list(test_sets)
@@ -170,51 +175,66 @@ def evaluate_test_set(test_set: test_sets.TestSet,
                       checker: scoring.Checker = scoring.keyword_match,
                       batch_size: int = 32, judge_batch_size: int = 64,
                       tokenizer=None) -> tables.ResultRow:
-  """Answers, then judges (or checks, without a judge) one test set."""
+  """Answers, then judges (or checks, without a judge) one test set.
+
+  The test set's bad lines and the records answer_fn could not answer are
+  listed in `errors.jsonl` and counted as skipped.
+  """
   workdir = Path(workdir)
   with records.JsonlAppender(workdir / "predictions.jsonl") as log:
-    answer_records(test_set.records, answer_fn, log, batch_size)
+    unanswered = answer_records(test_set, answer_fn, log, batch_size)
     predictions = {row["id"]: row["prediction"] for row in log.records}
-  texts = [predictions[r.id] for r in test_set.records]
+  answered = [r for r in test_set.records if r.id in predictions]
+  skipped = records.ReadReport(errors=test_set.errors + unanswered)
+  records.write_errors(workdir / "errors.jsonl", skipped)
+  texts = [predictions[r.id] for r in answered]
   if judge is None:
     summary = scoring.ScoreSummary(
-        accuracy=scoring.match_accuracy(test_set.records, texts, checker),
+        accuracy=scoring.match_accuracy(answered, texts, checker),
         mean_score=None, parsed=len(texts), parse_failures=0)
     unjudged = 0
   else:
     with records.JsonlAppender(workdir / "judgments.jsonl") as log:
-      judge_records(test_set.records, predictions, judge, log,
-                    judge_batch_size)
+      judge_records(answered, predictions, judge, log, judge_batch_size)
       scores = {row["id"]: row["score"] for row in log.records}
     summary = scoring.summarize_scores(
-        [scores[r.id] for r in test_set.records if r.id in scores])
-    unjudged = sum(r.id not in scores for r in test_set.records)
+        [scores[r.id] for r in answered if r.id in scores])
+    unjudged = sum(r.id not in scores for r in answered)
   return tables.ResultRow(
-      test_set=test_set.name, n=len(test_set.records),
+      test_set=test_set.name, n=len(answered), skipped=len(skipped.errors),
       accuracy=summary.accuracy, score=summary.mean_score,
       scored=summary.parsed, parse_failures=summary.parse_failures,
-      unjudged=unjudged, skipped_records=test_set.skipped,
+      unjudged=unjudged,
       words=scoring.length_stats(scoring.word_counts(texts)),
       tokens=(scoring.length_stats(scoring.token_counts(texts, tokenizer))
               if tokenizer is not None else None))
 
 
-def answer_records(test_records: Sequence[test_sets.QARecord],
-                   answer_fn: AnswerFn, log: records.JsonlAppender,
-                   batch_size: int) -> None:
-  """Answers the records not yet in `log`, saving batch by batch."""
-  todo = [r for r in test_records if r.id not in log.done]
+def answer_records(test_set: test_sets.TestSet, answer_fn: AnswerFn,
+                   log: records.JsonlAppender,
+                   batch_size: int) -> list[records.RecordError]:
+  """Answers the records not yet in `log`, saving batch by batch.
+
+  Returns the records answer_fn gave a BadRecord for, each logged as
+  file:line; they stay out of `log`, so a rerun tries them again.
+  """
+  todo = [r for r in test_set.records if r.id not in log.done]
   logging.info("%s: %d of %d records to answer", log.path, len(todo),
-               len(test_records))
+               len(test_set.records))
+  unanswered = records.ReadReport()
   for batch in _batches(todo, batch_size):
     answers = answer_fn(batch)
-    if len(answers) != len(batch) or not all(isinstance(a, str)
-                                             for a in answers):
-      raise ValueError(f"answer_fn must give {len(batch)} strings, one per "
-                       f"record, not {answers!r:.200}")
+    if len(answers) != len(batch) or not all(
+        isinstance(a, str | records.BadRecord) for a in answers):
+      raise ValueError(f"answer_fn must give {len(batch)} strings or "
+                       f"BadRecords, one per record, not {answers!r:.200}")
     for record, answer in zip(batch, answers):
-      log.append({"id": record.id, "prediction": answer})
+      if isinstance(answer, records.BadRecord):
+        unanswered.skip(test_set.path, record.line, answer)
+      else:
+        log.append({"id": record.id, "prediction": answer})
     logging.info("%s: %d records answered", log.path, len(log.done))
+  return unanswered.errors
 
 
 def judge_records(test_records: Sequence[test_sets.QARecord],

@@ -37,7 +37,7 @@ def test_matching(answer, prediction, exact, keyword):
 
 def test_match_accuracy_uses_the_injected_checker():
   records = [test_sets.QARecord(id=str(i), video="v", question="q",
-                                answer=answer, caption="c")
+                                answer=answer, caption="c", line=i + 1)
              for i, answer in enumerate(["red", "blue", "blue"])]
   assert scoring.match_accuracy(records, ["red", "red", "Blue!"]) == 2 / 3
   assert scoring.match_accuracy(

@@ -35,12 +35,13 @@ def test_reads_records_and_skips_bad_ones_with_file_and_line(tmp_path, caplog):
   assert test_set.records == [
       test_sets.QARecord(id=f"v{i}_0", video=f"msvd/v{i}",
                          question=f"What happens in {i}?",
-                         answer=f"Answer {i}.", caption=f"caption {i}")
-      for i in range(3)]
+                         answer=f"Answer {i}.", caption=f"caption {i}",
+                         line=line)
+      for i, line in zip(range(3), (1, 3, 9))]
   assert test_set.skipped == 5
   for line in (2, 5, 6, 8):
     assert f"{path}:{line}: " in caplog.text
-  assert "repeated id 'v0_0'" in caplog.text
+  assert f"{path}:7: repeated_id: 'v0_0', first on line 1" in caplog.text
 
 
 def test_too_many_bad_records_stop_the_run(tmp_path):

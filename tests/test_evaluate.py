@@ -1,6 +1,7 @@
 """End-to-end evaluation with a fake answer function and a local-model judge."""
 import filecmp
 import json
+import logging
 from pathlib import Path
 import re
 import statistics
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from isr_dpo_jax import evaluate
+from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
 
 COLORS = ("red", "green", "blue")
@@ -86,12 +88,37 @@ def test_judged_evaluation_writes_the_table(split, tmp_path):
       (statistics.fmean(words), statistics.median(words), p90))
 
   table = (workdir / "results.md").read_text()
-  assert (f"| synth | {N} | {row.accuracy * 100:.2f} | {row.score:.2f} | "
+  assert (f"| synth | {N} | 0 | {row.accuracy * 100:.2f} | {row.score:.2f} | "
           f"{N - len(scores)} | 0 | {row.words.mean:.1f} / "
           f"{row.words.median:.1f} / {p90:.1f} | - |") in table
   (saved,) = [json.loads(line) for line in
               (workdir / "results.jsonl").read_text().splitlines()]
   assert saved["accuracy"] == row.accuracy and saved["words"]["p90"] == p90
+
+
+def test_a_record_without_its_video_is_named_skipped_and_never_judged(
+    split, tmp_path, caplog):
+  def answer_fn_without_s5(batch):
+    return [records.BadRecord("bad_video", f"record {r.id}: no such file")
+            if r.id == "s5" else _prediction(int(r.id[1:])) for r in batch]
+
+  workdir = tmp_path / "eval"
+  with caplog.at_level(logging.WARNING):
+    (row,) = evaluate.evaluate(_config(split), workdir, answer_fn_without_s5,
+                               judge=local_judge)
+
+  assert f"{split}:6: bad_video: record s5: no such file" in caplog.text
+  assert (row.n, row.skipped, row.scored + row.parse_failures) == (N - 1, 1,
+                                                                  N - 1)
+  others = {f"s{i}" for i in range(N)} - {"s5"}
+  for name in ("predictions", "judgments"):
+    assert {json.loads(line)["id"] for line in (
+        workdir / "synth" / f"{name}.jsonl").open()} == others
+  assert f"| synth | {N - 1} | 1 | " in (workdir / "results.md").read_text()
+  (error,) = [json.loads(line) for line in
+              (workdir / "synth" / "errors.jsonl").read_text().splitlines()]
+  assert (error["path"], error["line"], error["reason"]) == (
+      str(split), 6, "bad_video")
 
 
 def test_synthetic_world_split_scored_by_its_checker(tmp_path):

@@ -1,5 +1,7 @@
 """`isr-dpo eval` on a tiny model and the synthetic world's held-out split."""
 import json
+import logging
+import shutil
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import evaluate
@@ -32,16 +34,29 @@ def test_tiny_model_table_is_right_and_survives_a_kill(tmp_path, load_config):
   assert (tmp_path / "eval" / "results.md").read_text() == table
 
 
-def test_local_model_judge_scores_or_counts_every_answer(tmp_path, load_config):
+def test_local_model_judge_scores_or_counts_every_answer_not_missing_videos(
+    tmp_path, load_config, caplog):
   config = load_config("smoke")
   config.eval.scoring = "judge"
   setup = bootstrap.prepare(config, tmp_path)
   policy = policy_lib.Policy.from_config(config, setup, parallel.make_mesh(dict(config.mesh)))
+  test_records = [json.loads(line) for line in open(setup.test_sets[0])]
+  missing = test_records[-1]["video"]
+  shutil.rmtree(setup.video_root / missing)
+  without_video = [line for line, r in enumerate(test_records, start=1)
+                   if r["video"] == missing]
   judge = evaluate.local_judge(policy, max_new_tokens=8)
-  [row] = evaluate.evaluate_policy(policy, config, setup.test_sets, tmp_path / "eval",
-                                   judge=judge)
+  with caplog.at_level(logging.WARNING):
+    [row] = evaluate.evaluate_policy(policy, config, setup.test_sets,
+                                     tmp_path / "eval", judge=judge)
   judgments = [json.loads(line) for line in next(
       (tmp_path / "eval").glob("*/judgments.jsonl")).open()]
+  for line in without_video:
+    assert (f"{setup.test_sets[0]}:{line}: bad_video: record "
+            f"{test_records[line - 1]['id']}: ") in caplog.text
+  assert "no such file" in caplog.text
+  assert (row["n"], row["skipped"]) == (len(test_records) - len(without_video),
+                                        len(without_video))
   assert len(judgments) == row["n"]  # the local judge answers every prompt
   assert row["scored"] + row["parse_failures"] == row["n"]
   assert row["parse_failures"] == sum(j["score"] is None for j in judgments)

@@ -12,19 +12,19 @@ from isr_dpo_jax.eval import scoring
 class ResultRow:
   """Scores and answer lengths of one test set."""
   test_set: str
-  n: int  # readable records of the test set
+  n: int  # records answered: judged or checked
+  skipped: int  # never answered: bad test lines, repeated ids, bad videos
   accuracy: float | None  # share in [0, 1], over scored samples
   score: float | None  # mean judge score; None for answer matching
   scored: int
   parse_failures: int  # judge replies without a score
   unjudged: int  # no judge reply yet (request errors); rerun to fill in
-  skipped_records: int  # unreadable test-file lines
   words: scoring.LengthStats | None
   tokens: scoring.LengthStats | None = None
 
 
-_COLUMNS = ("Test set", "n", "Acc. (%)", "Score", "Parse fail.", "Unjudged",
-            "Words mean / med / p90", "Tokens mean / med / p90")
+_COLUMNS = ("Test set", "n", "Skipped", "Acc. (%)", "Score", "Parse fail.",
+            "Unjudged", "Words mean / med / p90", "Tokens mean / med / p90")
 
 
 def _number(value: float | None, scale: float = 1.0) -> str:
@@ -41,8 +41,9 @@ def to_markdown(rows: Sequence[ResultRow]) -> str:
   lines = ["| " + " | ".join(_COLUMNS) + " |",
            "|" + "|".join("---" for _ in _COLUMNS) + "|"]
   for row in rows:
-    cells = (row.test_set, str(row.n), _number(row.accuracy, 100),
-             _number(row.score), str(row.parse_failures), str(row.unjudged),
+    cells = (row.test_set, str(row.n), str(row.skipped),
+             _number(row.accuracy, 100), _number(row.score),
+             str(row.parse_failures), str(row.unjudged),
              _lengths(row.words), _lengths(row.tokens))
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

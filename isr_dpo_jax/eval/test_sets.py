@@ -31,6 +31,7 @@ class QARecord:
   question: str
   answer: str
   caption: str
+  line: int  # in the test file, for file:line in messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,11 @@ class TestSet:
   name: str
   path: Path
   records: list[QARecord]
-  skipped: int  # bad records and repeated ids, logged one by one
+  errors: list[records_lib.RecordError]  # bad lines and repeated ids, logged
+
+  @property
+  def skipped(self) -> int:
+    return len(self.errors)
 
 
 def resolve_test_set(name_or_path: str,
@@ -63,25 +68,28 @@ def load_test_set(name_or_path: str,
                   max_error_rate: float | None = None) -> TestSet:
   """Reads a test set; bad records and repeated ids are skipped and counted.
 
+  Each skipped line is logged as file:line with the reason (records.ReadReport).
   Raises records.TooManyBadRecords above `max_error_rate` bad records.
   """
   name, path = resolve_test_set(name_or_path, root)
-  report = records_lib.read_jsonl(path, "test_qa",
-                                  max_error_rate=max_error_rate)
+  report = records_lib.ReadReport()
   by_id = {}
-  for row in report.records:
-    if row["id"] in by_id:
-      logging.warning("%s: skipping a repeated id %r", path, row["id"])
+  for line, row in records_lib.iter_jsonl(path, "test_qa", report):
+    if (first := by_id.get(row["id"])) is not None:
+      report.skip(path, line, records_lib.BadRecord(
+          "repeated_id", f"{row['id']!r}, first on line {first.line}"))
       continue
-    by_id[row["id"]] = to_qa_record(row)
-  skipped = len(report.errors) + len(report.records) - len(by_id)
+    by_id[row["id"]] = to_qa_record(row, line)
+    report.count_good()
+  logging.info("%s: %s", path, report.summary())
+  report.check(max_error_rate)
   return TestSet(name=name, path=path, records=list(by_id.values()),
-                 skipped=skipped)
+                 errors=report.errors)
 
 
-def to_qa_record(row: records_lib.Record) -> QARecord:
+def to_qa_record(row: records_lib.Record, line: int) -> QARecord:
   """The first question and answer of a validated test-QA record."""
   question, answer = records_lib.conversation_turns(row["conversations"])[0]
   return QARecord(id=row["id"], video=row["video"],
                   question=question.replace(VIDEO_PLACEHOLDER, "").strip(),
-                  answer=answer, caption=row["caption"])
+                  answer=answer, caption=row["caption"], line=line)
