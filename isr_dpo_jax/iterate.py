@@ -133,8 +133,9 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   written, s2 = stages.contexts(videos, previous, policy, config, seed,
                                 it_dir / "contexts.jsonl", errors)
   context_of = {c["video"]: c["context"] for c in written}
-  judged, s3 = stages.judgments(answered, context_of, policy, config, seed,
-                                it_dir / "judgments.jsonl", errors)
+  where = {x["id"]: dict(file=x["file"], line=x["line"]) for x in prompts}  # for errors
+  judged, s3 = stages.judgments([dict(a, **where[a["id"]]) for a in answered], context_of,
+                                policy, config, seed, it_dir / "judgments.jsonl", errors)
   pairs = stages.preference_records(answered, judged)
 
   num_steps = math.ceil(config.train.epochs * len(pairs) / config.train.batch_size)

@@ -9,8 +9,10 @@ Each stage walks its work in fixed batches, in a fixed order, and appends a
 record per item as each batch finishes. A restarted stage skips the batches
 already written and reruns a partly written one whole (keeping what is there),
 so batch composition, and therefore every number, equals an uninterrupted run.
-Items that fail (a video that does not decode) go to the iteration's error log
-with the file, line and cause, and count as done.
+Items that fail (a video that does not decode, a prompt too long for the
+model) go to the iteration's error log with the file, line and cause, and
+count as done. Once a stage has skipped more than `data.max_error_rate` of
+its items, the run stops: the data, not the model, needs fixing.
 
 On several processes each process works on its contiguous slice of every
 batch, and the batch's records and errors are then gathered to every process,
@@ -115,6 +117,7 @@ class ErrorLog:
   """The iteration's errors.jsonl: one line per bad item, keyed by stage and id."""
 
   def __init__(self, path):
+    self.path = pathlib.Path(path)
     self._log = _appender(path, key=lambda r: (r["stage"], r["id"]))
 
   def done(self, stage: str) -> set[str]:
@@ -124,25 +127,40 @@ class ErrorLog:
     """Logs a bad item once (a rerun batch meets it again)."""
     if (stage, item["id"]) in self._log.done:
       return
-    logging.warning("%s: skipping %s (%s:%s): %s", stage, item["id"],
-                    item.get("file"), item.get("line"), detail)
+    logging.warning("%s: skipping %s (%s:%s): %s: %s", stage, item["id"],
+                    item.get("file"), item.get("line"), reason, detail)
     self._log.append(dict(stage=stage, id=item["id"], file=item.get("file"),
                           line=item.get("line"), reason=reason, detail=detail))
 
   def count(self, stage: str) -> collections.Counter:
     return collections.Counter(r["reason"] for r in self._log.records if r["stage"] == stage)
 
+  def check(self, stage: str, num_items: int, max_error_rate: float | None) -> None:
+    """Raises TooManyBadRecords once `stage` skipped over `max_error_rate` of its items.
+
+    Checked as the stage goes: past that count, the stage's final share of
+    skipped items cannot stay under the maximum.
+    """
+    counts = self.count(stage)
+    skipped = sum(counts.values())
+    if max_error_rate is not None and skipped > max_error_rate * num_items:
+      raise records.TooManyBadRecords(
+          f"{stage}: {skipped} of {num_items} items skipped "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}), more than "
+          f"data.max_error_rate={max_error_rate:g} allows; each is in {self.path}")
+
   def close(self):
     self._log.close()
 
 
 def run_batches(summary: Summary, path, items: Sequence[dict], batch_size: int,
-                work: Callable[[list[dict]], Iterable[dict]], errors: ErrorLog
-                ) -> list[dict]:
+                work: Callable[[list[dict]], Iterable[dict]], errors: ErrorLog,
+                max_error_rate: float | None) -> list[dict]:
   """Appends `work(batch)` records for every fixed batch not yet written.
 
   `work` runs on every process and returns the whole batch's records. The
-  stage's progress bar, time and counts go to `summary`.
+  stage's progress bar, time and counts go to `summary`. After each batch,
+  the items skipped so far are held against `max_error_rate`.
   """
   clock = time.perf_counter()
   with _appender(path) as out, tqdm.tqdm(
@@ -156,6 +174,7 @@ def run_batches(summary: Summary, path, items: Sequence[dict], batch_size: int,
           if record["id"] not in out.done:
             out.append(record)
         bar.set_postfix(tokens_per_s=f"{summary.tokens / (time.perf_counter() - clock):.0f}")
+      errors.check(summary.stage, len(items), max_error_rate)
       bar.update(len(batch))
     written = list(out.records)
   summary.records_out, summary.dropped = len(written), errors.count(summary.stage)
@@ -163,24 +182,35 @@ def run_batches(summary: Summary, path, items: Sequence[dict], batch_size: int,
   return written
 
 
-def _with_videos(stage: str, batch: list[dict], policy: policy_lib.Policy,
-                 errors: ErrorLog) -> tuple[list[dict], list[np.ndarray], bool]:
-  """This process's items whose video decodes, with their pixels.
+def _usable(stage: str, batch: list[dict], questions_of: Callable[[dict], list[str]],
+            policy: policy_lib.Policy, errors: ErrorLog
+            ) -> tuple[list[dict], list[list[str]], list[np.ndarray], bool]:
+  """This process's items whose prompts fit and whose video decodes.
 
-  Every process logs the failures of all, and learns whether any process
-  kept an item (then all of them must run the model, even on no rows).
+  Returns them with their questions (`questions_of(item)`) and pixels. Every
+  process logs the failures of all, and learns whether any process kept an
+  item (then all of them must run the model, even on no rows). The prompts
+  are tokenised here to find those that do not fit; the policy tokenises
+  them again when it samples, at a small cost next to sampling.
   """
-  kept, pixels, failed = [], [], []
+  kept, questions, pixels, failed = [], [], [], []
   for item in batch[distributed.process_slice(len(batch))]:
     try:
+      item_questions = questions_of(item)
+      for question in item_questions:
+        policy.encoder.prompt(question)
       pixels.append(policy.video(item["video"]))
-      kept.append(item)
+    except records.BadRecord as e:
+      failed.append((item, e.reason, e.detail))
     except video_lib.VideoError as e:
-      failed.append((item, str(e)))
+      failed.append((item, "bad_video", str(e)))
+    else:
+      kept.append(item)
+      questions.append(item_questions)
   failed = _all_processes(failed)
-  for item, detail in failed:
-    errors.add(stage, item, "bad_video", detail)
-  return kept, pixels, len(failed) < len(batch)
+  for item, reason, detail in failed:
+    errors.add(stage, item, reason, detail)
+  return kept, questions, pixels, len(failed) < len(batch)
 
 
 def _sample_params(cfg) -> sampling.SamplingParams:
@@ -195,11 +225,12 @@ def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
   params = _sample_params(cfg.sampling.answer)
 
   def work(batch):
-    kept, pixels, any_kept = _with_videos("responses", batch, policy, errors)
+    kept, questions, pixels, any_kept = _usable(
+        "responses", batch, lambda x: [x["question"]], policy, errors)
     if not any_kept:
       return []
     uids = [policy_lib.stable_uid("answer", x["id"]) for x in kept]
-    samples = policy.sample([x["question"] for x in kept], pixels, uids, params,
+    samples = policy.sample([q for (q,) in questions], pixels, uids, params,
                             num_samples=2, seed=seed)
     out = _all_processes([dict(id=x["id"], video=x["video"], question=x["question"],
                               responses=[s.text for s in pair],
@@ -210,7 +241,8 @@ def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
     summary.tokens += sum(sum(r["lengths"]) for r in out)
     return out
 
-  return run_batches(summary, path, items, cfg.sampling.batch_size, work, errors), summary
+  return run_batches(summary, path, items, cfg.sampling.batch_size, work, errors,
+                     cfg.data.max_error_rate), summary
 
 
 def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Policy,
@@ -223,22 +255,26 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
   params = _sample_params(cfg.sampling.context)
   prompts = judge_prompts(cfg)
 
+  def before(video: dict) -> str | None:
+    return previous.get(video["video"]) if cfg.judge.retrospective else None
+
   def work(batch):
-    kept, pixels, any_kept = _with_videos("contexts", batch, policy, errors)
+    kept, questions, pixels, any_kept = _usable(
+        "contexts", batch, lambda x: [judge.context_question(prompts, before(x))],
+        policy, errors)
     if not any_kept:
       return []
-    before = [previous.get(x["video"]) if cfg.judge.retrospective else None
-              for x in kept]
-    questions = [judge.context_question(prompts, p) for p in before]
+    questions = [q for (q,) in questions]
     uids = [policy_lib.stable_uid("context", x["id"]) for x in kept]
     samples = policy.sample(questions, pixels, uids, params, seed=seed)
-    out = _all_processes([dict(id=x["id"], video=x["video"], previous=p, prompt=q,
+    out = _all_processes([dict(id=x["id"], video=x["video"], previous=before(x), prompt=q,
                               context=s[0].text, length=s[0].length)
-                         for x, p, q, s in zip(kept, before, questions, samples)])
+                         for x, q, s in zip(kept, questions, samples)])
     summary.tokens += sum(r["length"] for r in out)
     return out
 
-  return run_batches(summary, path, videos, cfg.sampling.batch_size, work, errors), summary
+  return run_batches(summary, path, videos, cfg.sampling.batch_size, work, errors,
+                     cfg.data.max_error_rate), summary
 
 
 def judge_prompts(cfg) -> judge.Prompts:
@@ -255,14 +291,15 @@ def judgments(answered: list[dict], context_of: dict[str, str],
   verdict_params = sampling.SamplingParams(temperature=0.0,
                                            max_new_tokens=cfg.judge.max_new_tokens)
 
+  def orders(x: dict) -> list[str]:
+    context = context_of.get(x["video"]) if cfg.judge.use_context else None
+    return list(judge.judge_questions(prompts, x["question"], *x["responses"], context))
+
   def work(batch):
-    kept, pixels, any_kept = _with_videos("judgments", batch, policy, errors)
+    kept, questions, pixels, any_kept = _usable("judgments", batch, orders, policy, errors)
     if not any_kept:
       return []
-    orders = [judge.judge_questions(
-        prompts, x["question"], *x["responses"],
-        context_of.get(x["video"]) if cfg.judge.use_context else None) for x in kept]
-    questions = [q for pair in orders for q in pair]
+    questions = [q for pair in questions for q in pair]
     frames = [p for p in pixels for _ in range(2)]
     if cfg.judge.mode == "likelihood":
       logps = policy.next_token_logprobs(questions, frames, letters).reshape(-1, 2, 2)
@@ -288,7 +325,8 @@ def judgments(answered: list[dict], context_of: dict[str, str],
                       reason=decision.reason, raw=raw[i]))
     return _all_processes(out)
 
-  out = run_batches(summary, path, answered, cfg.judge.batch_size, work, errors)
+  out = run_batches(summary, path, answered, cfg.judge.batch_size, work, errors,
+                    cfg.data.max_error_rate)
   summary.records_out = sum(r["winner"] is not None for r in out)  # pairs kept
   summary.dropped += collections.Counter(r["reason"] for r in out if r["reason"])
   return out, summary
