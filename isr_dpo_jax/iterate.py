@@ -75,16 +75,18 @@ def read_prompts(path, video_root, max_error_rate, workdir: pathlib.Path
                  ) -> tuple[list[dict], dict[str, int]]:
   """(video, question) items of a QA jsonl, and bad lines counted by reason.
 
-  Bad lines (malformed, missing fields, missing videos) are named in
+  Bad lines (malformed, missing fields, missing videos, an empty question, an
+  id already read on an earlier line) are named in
   `<workdir>/prompt_errors.jsonl`; past `max_error_rate` the run stops.
   """
   report_ = records.ReadReport()
-  items = []
+  items, line_of_id = [], {}
   for line, record in records.iter_jsonl(path, "qa", report_, video_root):
-    question = records.conversation_turns(record["conversations"])[0][0]
-    items.append(dict(id=str(record["id"]), video=record["video"],
-                      question=question.replace("<video>", "").strip(),
-                      file=str(path), line=line))
+    try:
+      items.append(_prompt_item(record, path, line, line_of_id))
+    except records.BadRecord as e:
+      report_.skip(path, line, e)
+      continue
     report_.keep(record)
   if jax.process_index() == 0:
     records.write_errors(workdir / "prompt_errors.jsonl", report_)
@@ -92,6 +94,24 @@ def read_prompts(path, video_root, max_error_rate, workdir: pathlib.Path
     logging.warning("prompts: %s", report_.summary())
   report_.check(max_error_rate)
   return items, dict(report_.counts)
+
+
+def _prompt_item(record: dict, path, line: int, line_of_id: dict[str, int]) -> dict:
+  """A QA record's (video, question) item; notes its id's line in `line_of_id`.
+
+  Raises BadRecord for an id that `line_of_id` holds already (every stage
+  keys its records by id) and for a question with no text besides "<video>".
+  """
+  if record["id"] in line_of_id:
+    raise records.BadRecord("duplicate_id", f"id {record['id']!r} is also on line "
+                            f"{line_of_id[record['id']]}")
+  question = records.conversation_turns(record["conversations"])[0][0]
+  question = question.replace("<video>", "").strip()
+  if not question:
+    raise records.BadRecord("empty_question", "the question has no text besides <video>")
+  line_of_id[record["id"]] = line
+  return dict(id=record["id"], video=record["video"], question=question,
+              file=str(path), line=line)
 
 
 def select(items: list[dict], config, t: int) -> list[dict]:

@@ -138,6 +138,25 @@ def test_killed_run_resumes_to_the_same_pairs_and_parameters(smoke_run, tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_duplicate_ids_and_empty_questions_are_bad_prompts(tmp_path):
+  (tmp_path / "videos" / "v").mkdir(parents=True)
+  qa = lambda id_, question: {"id": id_, "video": "v", "conversations": [
+      {"from": "human", "value": question}, {"from": "gpt", "value": "A cat."}]}
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps(r) + "\n" for r in [
+      qa("a", "<video>\nWhat is it?"), qa("b", "<video>\n  "), qa("a", "Why?"),
+      qa(1, "How?"), qa("1", "<video>Where?"), qa("c", "")]))
+  items, skipped = iterate.read_prompts(prompts, tmp_path / "videos", 0.7, tmp_path)
+  assert [(x["id"], x["line"], x["question"]) for x in items] == [
+      ("a", 1, "What is it?"), ("1", 4, "How?")]
+  errors = read_jsonl(tmp_path / "prompt_errors.jsonl")
+  assert [(e["path"], e["line"], e["reason"]) for e in errors] == [
+      (str(prompts), 2, "empty_question"), (str(prompts), 3, "duplicate_id"),
+      (str(prompts), 5, "duplicate_id"), (str(prompts), 6, "empty_question")]
+  assert errors[1]["detail"] == "id 'a' is also on line 1"
+  assert skipped == {"empty_question": 2, "duplicate_id": 2}
+
+
 def test_bad_prompts_are_skipped_named_and_counted(tmp_path):
   run = tmp_path / "run"
   world = bootstrap.write_world(smoke_config().world, run / "world")
@@ -151,6 +170,13 @@ def test_bad_prompts_are_skipped_named_and_counted(tmp_path):
       json.dumps({"id": "no_conversations", "video": record["video"]}).encode(),
       json.dumps(dict(record, id="missing_video", video="nowhere.mp4")).encode(),
       json.dumps(dict(record, id="corrupt_video", video="corrupt.mp4")).encode(),
+      json.dumps(dict(record, id="too_long", conversations=[
+          {"from": "human", "value": "<video>\n" + "Why? " * 20_000},
+          {"from": "gpt", "value": "Because."}])).encode(),
+      good[0].encode(),  # its id again
+      json.dumps(dict(record, id="empty", conversations=[
+          {"from": "human", "value": "<video>\n "},
+          {"from": "gpt", "value": "Yes."}])).encode(),
   ]
   prompts = tmp_path / "prompts.jsonl"
   prompts.write_bytes(b"\n".join([g.encode() for g in good[:3]] + bad +
@@ -161,14 +187,21 @@ def test_bad_prompts_are_skipped_named_and_counted(tmp_path):
   skipped = read_jsonl(run / "prompt_errors.jsonl")
   assert [(e["line"], e["reason"]) for e in skipped] == [
       (4, "bad_json"), (5, "not_utf8"), (6, "missing_field"),
-      (7, "missing_video")]
+      (7, "missing_video"), (10, "duplicate_id"), (11, "empty_question")]
   assert all(e["path"] == str(prompts) for e in skipped)
   errors = read_jsonl(run / "iter_0" / "errors.jsonl")
   # Its answers and its video's context are skipped; the judge never sees it.
   corrupt = {(e["stage"], e["id"]) for e in errors
              if e["reason"] == "bad_video" and e["line"] == 8}
   assert corrupt == {("responses", "corrupt_video"), ("contexts", "corrupt.mp4")}
+  too_long = [(e["stage"], e["id"], e["file"], e["line"]) for e in errors
+              if e["reason"] == "prompt_too_long"]
+  assert too_long == [("responses", "too_long", str(prompts), 9)]
   summary = summaries[0]
-  assert sum(summary["prompts_skipped"].values()) == 4
+  assert sum(summary["prompts_skipped"].values()) == 6
   responses = next(s for s in summary["stages"] if s["stage"] == "responses")
-  assert responses["dropped"] == {"bad_video": 1} and responses["records_out"] == 6
+  assert responses["dropped"] == {"bad_video": 1, "prompt_too_long": 1}
+  assert responses["records_out"] == 6
+  assert {p["prompt"] for p in read_jsonl(run / "iter_0" / "pairs.jsonl")} <= {
+      json.loads(g)["conversations"][0]["value"].replace("<video>", "").strip()
+      for g in good}
