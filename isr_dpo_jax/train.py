@@ -28,6 +28,11 @@ Rows that the loader fills with dummies (a record that failed to load, a
 short last batch; `is_real` False) count for nothing: losses and metrics are
 means over the real pairs (SFT: the real tokens) of the whole global batch,
 whatever the microbatching.
+
+LoRA (`TrainConfig.lora`, lora.py): the state's params are the adapters, the
+only differentiated inputs and the only ones with optimizer state; the model's
+parameters are the frozen base, an argument of every step, never in the state
+or its checkpoints. `Trainer.model_params` merges the adapters into the base.
 """
 from collections.abc import Callable, Iterable, Iterator
 import dataclasses
@@ -48,6 +53,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from isr_dpo_jax import checkpoint
 from isr_dpo_jax import dpo
+from isr_dpo_jax import lora as lora_lib
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import packing
 from isr_dpo_jax import parallel
@@ -72,6 +78,9 @@ class TrainConfig:
   recompute attention and activations); None stores everything.
   `grad_accum_steps` microbatches make one update (the batch must split
   evenly); `packed` puts prompt, chosen and rejected in one row per pair.
+  `lora` with a rank > 0 trains low-rank adapters on its target kernels
+  instead of the model (lora.py); the whole model is then frozen and
+  `frozen` is not used.
   """
   learning_rate: float = 5e-7
   schedule: Literal["linear", "cosine"] = "linear"
@@ -92,6 +101,7 @@ class TrainConfig:
   length_normalized: bool = False
   dpo_alpha: float = 1.0
   gamma: float = 0.0
+  lora: lora_lib.Config = lora_lib.Config()
 
   def dpo_loss_options(self) -> dict[str, Any]:
     """Keyword arguments of `dpo.dpo_loss`."""
@@ -104,7 +114,7 @@ class TrainConfig:
 class TrainState:
   """Everything an update changes; checkpointed as one pytree."""
   step: jax.Array  # int32 scalar: optimizer updates done.
-  params: dict  # nested dict of arrays (`nnx.to_pure_dict` of the model state).
+  params: dict  # what trains: the model's (`nnx.to_pure_dict`) or LoRA adapters.
   opt_state: optax.OptState
   rng: jax.Array  # uint32 key data, for stochastic layers and sampling.
 
@@ -277,12 +287,18 @@ class Trainer:
     state = trainer.init_state(model)
     ref = trainer.reference_logps(state.params, batch, frames)  # pi_t, once
     state, metrics = trainer.dpo_update(state, batch, frames, *ref)
+    params = trainer.model_params(state)  # pi_{t+1}: a plain model's params
+
+  Under LoRA the model's parameters (as `model` holds them) are the frozen
+  base of every update and `state.params` are the adapters; the jitted steps
+  then take the base as their last argument.
 
   `reference_logps` runs before training and its results are stored with the
   pairs, so no reference model stays resident. For on-the-fly reference
   log-probs, keep a frozen copy of the initial params on the mesh and pass it
   as `dpo_update(..., reference_params=...)`. The jitted pieces
-  (`encode_video`, `pair_logps`, `dpo_step`, `sft_step`) take global arrays.
+  (`encode_video`, `pair_logps`, `dpo_step`, `sft_step`, `merge_adapters`)
+  take global arrays.
   """
 
   def __init__(self, model: nnx.Module, config: TrainConfig,
@@ -293,15 +309,21 @@ class Trainer:
     self.param_shardings = nnx.to_pure_dict(parallel.state_shardings(params, mesh))
     self._abstract_params = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
-    self.frozen = frozen_mask(self._abstract_params, config.frozen)
-    self.tower_frozen = all(jax.tree.leaves(self.frozen["video_tower"]))
+    self.base = nnx.to_pure_dict(params) if config.lora.rank else None
+    trained = jax.eval_shape(self._trained_params, self._abstract_params, 0)
+    self.frozen = frozen_mask(trained, config.frozen if self.base is None else ())
+    # Under LoRA the tower trains only if it has adapters.
+    self.tower_frozen = all(jax.tree.leaves(self.frozen.get("video_tower", True)))
     self.schedule = learning_rate_schedule(config, total_steps)
     self.tx = make_optimizer(config, self.schedule, self.frozen)
-    self.state_shardings = self._state_shardings(self._abstract_params)
+    trained_shardings = (self.param_shardings if self.base is None else
+                         lora_lib.shardings(trained, self.param_shardings))
+    self.state_shardings = self._state_shardings(trained, trained_shardings)
 
     self.batch_sharding = batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
     replicated = NamedSharding(mesh, P())
     state_sh, params_sh = self.state_shardings, self.param_shardings
+    base_sh = () if self.base is None else (params_sh,)
     self.encode_video = jax.jit(
         self._encode_video, in_shardings=(params_sh, batch_sharding),
         out_shardings=batch_sharding)
@@ -310,26 +332,37 @@ class Trainer:
         out_shardings=batch_sharding)
     self.dpo_step = jax.jit(
         self._dpo_step, donate_argnums=0, out_shardings=(state_sh, replicated),
-        in_shardings=(state_sh,) + (batch_sharding,) * 4)
+        in_shardings=(state_sh,) + (batch_sharding,) * 4 + base_sh)
     self.sft_step = jax.jit(
         self._sft_step, donate_argnums=0, out_shardings=(state_sh, replicated),
-        in_shardings=(state_sh, batch_sharding, batch_sharding))
+        in_shardings=(state_sh, batch_sharding, batch_sharding) + base_sh)
+    self.merge_adapters = jax.jit(
+        self._merge_adapters, in_shardings=(params_sh, trained_shardings),
+        out_shardings=params_sh)
 
   # -- state ------------------------------------------------------------------
 
-  def _state_shardings(self, abstract_params) -> TrainState:
+  def _state_shardings(self, abstract_trained, trained_shardings) -> TrainState:
     replicated = NamedSharding(self.mesh, P())
     masked = lambda x: isinstance(x, optax.MaskedNode)
     opt_shardings = optax.tree_map_params(
         self.tx, lambda p, s: p if masked(p) else s,
-        jax.eval_shape(self.tx.init, abstract_params), self.param_shardings,
+        jax.eval_shape(self.tx.init, abstract_trained), trained_shardings,
         transform_non_params=lambda _: replicated, is_leaf=masked)
-    return TrainState(step=replicated, params=self.param_shardings,
+    return TrainState(step=replicated, params=trained_shardings,
                       opt_state=opt_shardings, rng=replicated)
 
+  def _trained_params(self, params, seed):
+    """What the optimizer updates: `params`, or new LoRA adapters for them."""
+    if self.base is None:
+      return params
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    return lora_lib.init(params, self.config.lora, key)
+
   def _init(self, params, seed: int = 0) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params),
+    trained = self._trained_params(params, seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=trained,
+                      opt_state=self.tx.init(trained),
                       rng=jax.random.key_data(jax.random.key(seed)))
 
   def init_state(self, model: nnx.Module, seed: int = 0) -> TrainState:
@@ -352,6 +385,13 @@ class Trainer:
     """The NNX model with `params` (e.g. to save or sample from it)."""
     return nnx.merge(self.graphdef, params)
 
+  def model_params(self, state: TrainState) -> dict:
+    """The trained model's parameters: `state.params`, or under LoRA the base
+    with the adapters merged in (a plain model, the base's tree and dtypes)."""
+    if self.base is None:
+      return state.params
+    return self.merge_adapters(*self._frozen_base(), state.params)
+
   # -- host-side entry points --------------------------------------------------
 
   def dpo_update(self, state: TrainState, batch: batching.PreferenceBatch,
@@ -359,19 +399,22 @@ class Trainer:
                  reference_params=None) -> tuple[TrainState, dict]:
     """One DPO update on a host batch: encode the videos, then the step."""
     batch, frames = self._global((batch, frames))
-    feats = self.encode_video(state.params, frames)
+    base = self._frozen_base()
+    feats = self.encode_video(base[0] if base else state.params, frames)
     if reference_params is None:
       reference = self._global((reference_chosen, reference_rejected))
     else:  # the reference sees the videos through its own tower
       reference = self.pair_logps(reference_params, batch,
                                   self.encode_video(reference_params, frames))
-    return self.dpo_step(state, batch, feats, *reference)
+    return self.dpo_step(state, batch, feats, *reference, *base)
 
   def sft_update(self, state: TrainState, batch: batching.SftBatch, frames
                  ) -> tuple[TrainState, dict]:
     """One SFT update on a host batch."""
     batch, frames = self._global((batch, frames))
-    return self.sft_step(state, batch, self.encode_video(state.params, frames))
+    base = self._frozen_base()
+    feats = self.encode_video(base[0] if base else state.params, frames)
+    return self.sft_step(state, batch, feats, *base)
 
   def reference_logps(self, params, batch: batching.PreferenceBatch, frames
                       ) -> tuple[np.ndarray, np.ndarray]:
@@ -380,6 +423,12 @@ class Trainer:
     logps = self.pair_logps(params, batch, self.encode_video(params, frames))
     return tuple(np.asarray(x) for x in multihost_utils.global_array_to_host_local_array(
         logps, self.mesh, P(BATCH_AXES)))
+
+  def _frozen_base(self) -> tuple:
+    """The steps' trailing arguments: (), or under LoRA the base on the mesh."""
+    if self.base is None:
+      return ()
+    return (jax.device_put(self.base, self.param_shardings),)
 
   def _global(self, host_tree):
     """Global arrays sharded over the batch axes from per-host rows."""
@@ -401,37 +450,44 @@ class Trainer:
     return pair_logps(self.model(params), batch, feats_BxNxD,
                       packed=self.config.packed)
 
-  def _trainable_model(self, params) -> nnx.Module:
+  def _merge_adapters(self, base, adapters):
+    return lora_lib.merge(base, adapters, self.config.lora.scale)
+
+  def _trainable_model(self, params, base=None) -> nnx.Module:
+    """The model as a function of the trained `params`: frozen groups behind
+    stop_gradient, or under LoRA the `base` with adapters `params` attached."""
+    if base is not None:
+      return lora_lib.attach(self.model(base), params, self.config.lora.scale)
     frozen_or_not = jax.tree.map(
         lambda p, f: jax.lax.stop_gradient(p) if f else p, params, self.frozen)
     return self.model(frozen_or_not)
 
-  def _grad_fn(self, objective):
+  def _grad_fn(self, objective, base=None):
     """(params, micro) -> (grads, metrics) of `objective(model, *micro)`."""
     def grad_fn(params, micro):
       return jax.grad(
-          lambda p: objective(self._trainable_model(p), *micro),
+          lambda p: objective(self._trainable_model(p, base), *micro),
           has_aux=True)(params)
     return grad_fn
 
   def _dpo_step(self, state: TrainState, batch, feats_BxNxD,
-                reference_chosen_B, reference_rejected_B):
+                reference_chosen_B, reference_rejected_B, base=None):
     objective = functools.partial(
         model_dpo_loss, config=self.config,
         num_pairs=jnp.maximum(batch.is_real.sum(), 1),
         num_chosen_tokens=jnp.maximum(batch.chosen_mask.sum(), 1))
     inputs = (batch, feats_BxNxD, reference_chosen_B, reference_rejected_B)
-    grads, metrics = _accumulate(self._grad_fn(objective), state.params,
+    grads, metrics = _accumulate(self._grad_fn(objective, base), state.params,
                                  inputs, self.config.grad_accum_steps)
     num_tokens = (batch.prompt_mask.sum() + batch.chosen_mask.sum()
                   + batch.rejected_mask.sum())
     return self._apply(state, grads, metrics, num_tokens)
 
-  def _sft_step(self, state: TrainState, batch, feats_BxNxD):
+  def _sft_step(self, state: TrainState, batch, feats_BxNxD, base=None):
     objective = functools.partial(
         model_sft_loss, num_tokens=jnp.maximum(batch.loss_mask.sum(), 1),
         remat=self.config.remat)
-    grads, metrics = _accumulate(self._grad_fn(objective), state.params,
+    grads, metrics = _accumulate(self._grad_fn(objective, base), state.params,
                                  (batch, feats_BxNxD),
                                  self.config.grad_accum_steps)
     num_tokens = batch.prompt_mask.sum() + batch.target_mask.sum()
@@ -475,7 +531,11 @@ def fit(update: Callable[[TrainState, Any], tuple[TrainState, dict]],
   Metrics are fetched one step late, so the host never waits on the step it
   just dispatched; tokens/s is measured between fetches. The checkpointer
   saves the state with the data iterator's state (`batches.get_state()`) on
-  its interval and at the last step.
+  its interval and at the last step. A saved step's metrics are written as
+  soon as its save returns (which waited for the step), not one step later:
+  the checkpoint is then still being written in the background, so a run
+  killed once it has landed has all but surely written the step's row, and
+  the resumed run, which starts after that step, leaves no gap.
   """
   start = int(state.step)
   pending = None
@@ -487,9 +547,10 @@ def fit(update: Callable[[TrainState, Any], tuple[TrainState, dict]],
       if pending is not None:
         clock = _log(*pending, clock, bar, writer)
       pending = (step, step_metrics)
-      if checkpointer is not None:
-        checkpointer.save(step, state, _data_state(batches),
-                          force=step == num_steps)
+      if checkpointer is not None and checkpointer.save(
+          step, state, _data_state(batches), force=step == num_steps):
+        clock = _log(*pending, clock, bar, writer)
+        pending = None
     if pending is not None:
       _log(*pending, clock, bar, writer)
   if checkpointer is not None:
