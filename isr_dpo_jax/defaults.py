@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
       grad_accum_steps=1, frozen=defaults.frozen,
       remat=ml_collections.config_dict.placeholder(str), packed=True,
       checkpoint_every=50,
+      # rank > 0: DPO and SFT train LoRA adapters on the kernels that `targets`
+      # (regexes over parameter paths) match, scaled by alpha / rank; lora.py.
+      lora=dict(rank=defaults.lora.rank, alpha=defaults.lora.alpha,
+                targets=defaults.lora.targets),
   )
   c.sft = dict(
       data="",  # instruction jsonl (QA and caption conversations)

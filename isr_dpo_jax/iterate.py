@@ -29,6 +29,7 @@ import numpy as np
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import distributed
 from isr_dpo_jax import evaluate
+from isr_dpo_jax import lora
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
@@ -170,8 +171,9 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
                                  config.train.batch_size, errors)
   params = nnx.to_pure_dict(nnx.state(policy.model))
   if pairs:
-    params = stages.dpo(pairs, it_dir / "pairs.jsonl", policy, trainer, num_steps,
-                        config, seed, it_dir).params
+    state = stages.dpo(pairs, it_dir / "pairs.jsonl", policy, trainer, num_steps,
+                       config, seed, it_dir)
+    params = trainer.model_params(state)  # LoRA: merged, a plain model
   else:
     logging.warning("iteration %d: no preference pairs; pi_%d = pi_%d", t, t + 1, t)
   policy_lib.save_params(params, it_dir / "policy")
@@ -218,4 +220,5 @@ def train_config(config) -> train.TrainConfig:
       grad_accum_steps=tr.grad_accum_steps, frozen=tuple(tr.frozen), remat=tr.remat,
       packed=tr.packed, beta=d.beta, loss_type=d.loss_type,
       label_smoothing=d.label_smoothing, length_penalty=d.length_penalty,
-      length_normalized=d.length_normalized, dpo_alpha=d.dpo_alpha, gamma=d.gamma)
+      length_normalized=d.length_normalized, dpo_alpha=d.dpo_alpha, gamma=d.gamma,
+      lora=lora.Config.from_mapping(tr.lora))
