@@ -70,7 +70,11 @@ def default_config() -> config_dict.ConfigDict:
 
 
 def main(config: config_dict.ConfigDict, workdir: str) -> None:
-  """Evaluates the config's policy: its pi_0, or the params in eval.params_dir."""
+  """Evaluates the config's policy: its pi_0, or the params in eval.params_dir.
+
+  Exits non-zero, with one line, when the judge endpoint takes no connection
+  (before any judging) or when records are left unjudged (after the table).
+  """
   logging.getLogger().setLevel(logging.INFO)
   workdir = Path(workdir)
   setup = bootstrap.prepare(config, workdir)
@@ -85,8 +89,17 @@ def main(config: config_dict.ConfigDict, workdir: str) -> None:
             video_root=setup.video_root, batch_size=config.sampling.batch_size,
             buckets=config.sampling.buckets))
     judge = local_judge(judge_policy, config.eval.judge.max_new_tokens)
-  evaluate_policy(policy, config, setup.test_sets, workdir, judge=judge)
+  try:
+    rows = evaluate_policy(policy, config, setup.test_sets, workdir, judge=judge)
+  except judge_client.JudgeUnreachable as e:
+    raise SystemExit(f"isr-dpo eval: {e} (config.eval.judge.base_url, else "
+                     "OPENAI_BASE_URL)") from None
   print((workdir / "results.md").read_text())
+  if unjudged := sum(row["unjudged"] for row in rows):
+    raise SystemExit(
+        f"isr-dpo eval: {unjudged} of {sum(row['n'] for row in rows)} answered "
+        "records are unjudged (the judge gave no reply, as logged above); "
+        "rerun the same command to judge only those")
 
 
 def local_judge(policy: policy_lib.Policy, max_new_tokens: int) -> judge_client.Judge:

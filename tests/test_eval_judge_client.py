@@ -3,12 +3,15 @@
 The server runs on 127.0.0.1 in a thread; a tag in each prompt picks its
 behaviour (normal and score-less replies, invalid JSON, 429 and 500 responses,
 replies slower than the client's timeout), so that results, retries, cache hits
-and parse failures can be checked exactly.
+and parse failures can be checked exactly. An endpoint that takes no
+connection is a port bound on 127.0.0.1 that does not listen.
 """
 import collections
 import http.server
 import json
+import logging
 import re
+import socket
 import threading
 import time
 
@@ -52,8 +55,8 @@ class _ChatServer(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
   """Replies by the [tag] in the user message: ok:N, noscore, badjson,
-  429xK and 500xK (K failures, then ok), 500 (always), slow (past the
-  timeout), busy (briefly), 401."""
+  429xK and 500xK (K failures, then ok), 500 (always; also without a tag),
+  slow (past the timeout), busy (briefly), 401."""
 
   def do_POST(self):
     with self.server.lock:
@@ -68,7 +71,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
   def _reply(self):
     body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-    tag = re.search(r"\[(.*?)\]", body["messages"][0]["content"]).group(1)
+    tagged = re.search(r"\[(.*?)\]", body["messages"][-1]["content"])
+    tag = tagged.group(1) if tagged else "500"
     with self.server.lock:
       self.server.attempts[tag] += 1
       attempt = self.server.attempts[tag]
@@ -118,9 +122,17 @@ def server():
   server.server_close()
 
 
-def _judge(server, cache_path):
+@pytest.fixture
+def closed_url():
+  """The URL of an endpoint that refuses every connection."""
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))  # bound, never listening: connections refused
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+def _judge(server, cache_path, url=None):
   return judge_client.OpenAIJudge(
-      model="judge-test", base_url=server.url, api_key="sk-test",
+      model="judge-test", base_url=url or server.url, api_key="sk-test",
       cache_path=cache_path, concurrency=4, max_retries=MAX_RETRIES,
       timeout_s=TIMEOUT_S, backoff_s=0.01)
 
@@ -160,6 +172,28 @@ def test_results_retries_errors_and_cache(server, tmp_path):
     # Failures were not cached: asking again reaches the server again.
     assert rerun(["c [badjson]"]) == [None]
     assert server.attempts == {"badjson": 1}
+
+
+def test_failures_are_logged_once_per_cause_with_the_url(server, caplog):
+  with _judge(server, None) as judge, caplog.at_level(logging.INFO):
+    replies = judge([f"{i} [500]" for i in range(6)] + ["ok [ok:4]"])
+  assert replies[:6] == [None] * 6 and replies[6] is not None
+  assert server.attempts["500"] == 6 * (1 + MAX_RETRIES)
+  assert [r.getMessage() for r in caplog.records if r.name == "root"] == [
+      f"judge at {judge.url}: no reply to 6 of 7 prompts: InternalServerError: "
+      f"Error code: 500 - 500 ({1 + MAX_RETRIES} attempts)"]
+
+
+def test_a_closed_endpoint_fails_before_any_request_unless_all_is_cached(
+    server, closed_url, tmp_path):
+  with _judge(server, tmp_path / "cache.jsonl") as judge:
+    cached = judge(["a [ok:4]"])
+  with _judge(server, tmp_path / "cache.jsonl", url=closed_url) as judge:
+    assert judge(["a [ok:4]"]) == cached
+    with pytest.raises(judge_client.JudgeUnreachable,
+                       match=re.escape(closed_url)):
+      judge(["a [ok:4]", "b [ok:3]"])
+    assert judge.stats == judge_client.JudgeStats(cache_hits=1)
 
 
 def test_concurrency_is_bounded(server):
@@ -205,3 +239,23 @@ def test_evaluation_with_the_endpoint_from_the_environment(server, tmp_path,
   (rerun,) = evaluate.evaluate(config, tmp_path / "eval", answer_fn)
   assert server.attempts == {"500": 2}
   assert rerun == row
+
+
+def test_eval_exits_non_zero_on_a_closed_endpoint_and_on_unjudged_records(
+    server, closed_url, tmp_path, load_config, capsys):
+  config = load_config("smoke")
+  config.eval.scoring = "judge"
+  config.eval.judge.update(base_url=closed_url, api_key="sk-test",
+                           model="judge-test", max_retries=0)
+  with pytest.raises(SystemExit, match=re.escape(closed_url)):
+    evaluate.main(config, str(tmp_path))
+  assert not server.attempts
+
+  config.eval.judge.base_url = server.url  # answers every prompt with a 500
+  with pytest.raises(SystemExit) as exit_:
+    evaluate.main(config, str(tmp_path))
+  (row,) = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+  assert row["unjudged"] == row["n"] == sum(server.attempts.values()) > 0
+  assert str(exit_.value.code).startswith(
+      f"isr-dpo eval: {row['n']} of {row['n']} answered records are unjudged")
+  assert "| Unjudged |" in capsys.readouterr().out

@@ -4,9 +4,12 @@
 (OpenAI, vLLM, SGLang, ...) through the `openai` client, with
 bounded concurrency, exponential backoff on 429, 5xx, timeouts and dropped
 connections, and an on-disk reply cache so that a rerun pays for nothing twice.
+Before its first request it checks that the endpoint takes connections at all,
+and it logs the prompts left without a reply once per cause, not per attempt.
 A local model is a judge too: any function with the `Judge` signature, called
 on batches of prompts.
 """
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -32,6 +35,15 @@ _FATAL_ERRORS = (openai.AuthenticationError, openai.PermissionDeniedError,
                  openai.NotFoundError)
 
 
+class JudgeUnreachable(RuntimeError):
+  """The endpoint takes no connection: every request would fail."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoReply:
+  cause: str  # the last error, after any retries
+
+
 @dataclasses.dataclass
 class JudgeStats:
   requests: int = 0  # HTTP attempts, retries included
@@ -45,6 +57,10 @@ def _is_transient(error: Exception) -> bool:
     return True
   return isinstance(error, openai.APIStatusError) and (
       error.status_code in (408, 409, 429) or error.status_code >= 500)
+
+
+def _describe(error: Exception) -> str:
+  return f"{type(error).__name__}: {error}"
 
 
 def cache_key(request: dict) -> str:
@@ -85,6 +101,7 @@ class OpenAIJudge:
       self._cached = {row["key"]: row["reply"] for row in self._cache.records}
     self.stats = JudgeStats()
     self._lock = threading.Lock()
+    self._reachable = False  # checked before the first request
 
   def close(self) -> None:
     if self._cache is not None:
@@ -97,29 +114,66 @@ class OpenAIJudge:
   def __exit__(self, *exc):
     self.close()
 
-  def __call__(self, prompts: Sequence[str]) -> list[str | None]:
-    with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
-      return list(pool.map(self.reply, prompts))
+  @property
+  def url(self) -> str:
+    return str(self._client.base_url)
 
-  def reply(self, prompt: str) -> str | None:
-    """The judge's reply to one user message, from the cache if it is there."""
-    request = dict(model=self.model, temperature=self.temperature,
-                   messages=[{"role": "user", "content": prompt}])
+  def __call__(self, prompts: Sequence[str]) -> list[str | None]:
+    """Replies to `prompts`; None for each prompt that got none (logged).
+
+    Raises:
+      JudgeUnreachable: before the first request, when the endpoint refuses
+        the connection (or times out).
+    """
+    requests = [self._chat_request(p) for p in prompts]
+    if not self._reachable and any(cache_key(r) not in self._cached
+                                   for r in requests):
+      self._check_reachable()
+    with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
+      replies = list(pool.map(self._reply, requests))
+    causes = collections.Counter(r.cause for r in replies
+                                 if isinstance(r, _NoReply))
+    for cause, count in causes.items():
+      logging.warning("judge at %s: no reply to %d of %d prompts: %s",
+                      self.url, count, len(prompts), cause)
+    return [None if isinstance(r, _NoReply) else r for r in replies]
+
+  def _chat_request(self, prompt: str) -> dict:
+    return dict(model=self.model, temperature=self.temperature,
+                messages=[{"role": "user", "content": prompt}])
+
+  def _check_reachable(self) -> None:
+    """Raises JudgeUnreachable unless the endpoint answers a GET of /models.
+
+    OpenAI, vLLM and SGLang serve /models; any HTTP answer, an error status
+    included, shows that the endpoint is there.
+    """
+    try:
+      self._client.models.list()
+    except openai.APIConnectionError as e:
+      raise JudgeUnreachable(
+          f"the judge endpoint {self.url} cannot be reached: {e}") from None
+    except openai.OpenAIError:
+      pass
+    self._reachable = True
+
+  def _reply(self, request: dict) -> str | _NoReply:
+    """The reply to one request, from the cache if it is there."""
     key = cache_key(request)
     if (hit := self._cached.get(key)) is not None:
       self._count("cache_hits")
       return hit
     reply = self._request(request)
-    if reply is None:
+    if isinstance(reply, _NoReply):
       self._count("errors")
-      return None
+      return reply
     with self._lock:
       if self._cache is not None and key not in self._cached:
         self._cache.append({"key": key, "model": self.model, "reply": reply})
       self._cached[key] = reply
     return reply
 
-  def _request(self, request: dict) -> str | None:
+  def _request(self, request: dict) -> str | _NoReply:
     for attempt in range(self.max_retries + 1):
       if attempt:
         self._count("retries")
@@ -136,14 +190,12 @@ class OpenAIJudge:
         raise
       except openai.OpenAIError as e:
         if not _is_transient(e):
-          logging.warning("judge request failed: %s", e)
-          return None
-        logging.info("judge request attempt %d failed: %s", attempt + 1, e)
+          return _NoReply(_describe(e))
+        logging.debug("judge request attempt %d failed: %s", attempt + 1, e)
+        last_error = e
       except (ValueError, TypeError, IndexError, AttributeError) as e:
-        logging.warning("judge reply malformed: %s", e)
-        return None
-    logging.warning("judge request failed after %d attempts", attempt + 1)
-    return None
+        return _NoReply(f"malformed reply: {_describe(e)}")
+    return _NoReply(f"{_describe(last_error)} ({attempt + 1} attempts)")
 
   def _count(self, field: str) -> None:
     with self._lock:
