@@ -38,14 +38,19 @@ def world_config() -> ml_collections.ConfigDict:
 
 def write_world(cfg: ml_collections.ConfigDict, root: str | os.PathLike
                 ) -> dict[str, pathlib.Path]:
-  """Writes the world once; a second call finds it and returns its paths."""
+  """Writes the world once; a second call finds it and returns its paths.
+
+  `root/paths.json` holds them relative to `root`, so that a workdir moved
+  elsewhere still finds its world (absolute paths, as older runs wrote, are
+  read as they are).
+  """
   root = pathlib.Path(root)
   index = root / "paths.json"
   if index.exists():
-    return {k: pathlib.Path(v) for k, v in json.loads(index.read_text()).items()}
+    return {k: root / v for k, v in json.loads(index.read_text()).items()}
   paths = synthetic.write_world(root, dict(cfg.num_videos), seed=cfg.seed,
                                 num_frames=cfg.num_frames, size=cfg.size)
-  index.write_text(json.dumps({k: os.fspath(v) for k, v in paths.items()}))
+  index.write_text(json.dumps({k: os.fspath(v.relative_to(root)) for k, v in paths.items()}))
   return paths
 
 

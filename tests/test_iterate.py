@@ -138,6 +138,16 @@ def test_killed_run_resumes_to_the_same_pairs_and_parameters(smoke_run, tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_moved_workdir_finds_its_world(tmp_path):
+  world = smoke_config().world
+  written = bootstrap.write_world(world, tmp_path / "run" / "world")
+  (tmp_path / "run").rename(tmp_path / "moved")
+  found = bootstrap.write_world(world, tmp_path / "moved" / "world")
+  assert found.keys() == written.keys()
+  for path in found.values():
+    assert path.exists() and (tmp_path / "moved") in path.parents
+
+
 def test_duplicate_ids_and_empty_questions_are_bad_prompts(tmp_path):
   (tmp_path / "videos" / "v").mkdir(parents=True)
   qa = lambda id_, question: {"id": id_, "video": "v", "conversations": [
