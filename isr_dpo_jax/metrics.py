@@ -3,9 +3,15 @@
 The jsonl file is the machine-readable record (plots and reports read it); the
 TensorBoard event files are for watching a run live. Only process 0 writes, so
 multi-host runs produce one copy.
+
+Each step is recorded once. A run resumed from a checkpoint redoes the steps
+after it, some of which a killed run may have recorded; the resumed run
+computes them again to the same values, and the writer keeps the first
+record rather than adding a second.
 """
 import json
 import os
+import secrets
 from collections.abc import Mapping
 
 import jax
@@ -14,7 +20,10 @@ import tensorboardX
 
 
 class MetricsWriter:
-  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and events."""
+  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and events.
+
+  A step already in the file (written before a resume) is not written again.
+  """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -23,13 +32,19 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     _drop_partial_last_line(self.path)
+    self._written = ({row["step"] for row in read_jsonl(self.path)}
+                     if os.path.exists(self.path) else set())
     self._jsonl = open(self.path, "a", encoding="utf-8")
-    self._tb = tensorboardX.SummaryWriter(os.fspath(workdir))
+    # Event files are named by the second they were opened in: without a
+    # suffix, a writer reopened within the same second would overwrite them.
+    self._tb = tensorboardX.SummaryWriter(os.fspath(workdir),
+                                          filename_suffix=f".{secrets.token_hex(4)}")
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:
     """Writes scalar metrics (Python or array scalars) for one step."""
-    if not self.enabled:
+    if not self.enabled or int(step) in self._written:
       return
+    self._written.add(int(step))
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
     self._jsonl.flush()
@@ -61,8 +76,8 @@ def _drop_partial_last_line(path: str) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
   """Reads a metrics file back, one row per step in step order.
 
-  A resumed run rewrites the steps after its last checkpoint; the latest row
-  for a step wins. A partial last line (killed run) is ignored.
+  A partial last line (killed run) is ignored. Files that older versions
+  wrote may repeat steps redone after a resume; the latest row wins.
   """
   by_step = {}
   with open(path, encoding="utf-8") as f:

@@ -1,7 +1,9 @@
 """The ISR-DPO loop end to end on configs/smoke.py: artifacts, resume, bad input."""
 import json
+import os
 import pathlib
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -66,6 +68,15 @@ def test_two_iterations_write_every_artifact(smoke_run):
     assert (it / "policy").is_dir() and (it / "summary.json").exists()
   assert (workdir / "report.md").read_text().startswith("# ISR-DPO run report")
   assert (workdir / "report.png").stat().st_size > 0
+
+
+def test_every_file_gets_the_mode_of_the_umask(smoke_run):
+  workdir, _ = smoke_run
+  umask = os.umask(0)
+  os.umask(umask)
+  modes = {p.relative_to(workdir): stat.S_IMODE(p.stat().st_mode)
+           for p in workdir.rglob("*") if p.is_file()}
+  assert {p: m for p, m in modes.items() if m != 0o666 & ~umask} == {}
 
 
 def test_contexts_are_retrospective(smoke_run):
@@ -133,6 +144,11 @@ def test_killed_run_resumes_to_the_same_pairs_and_parameters(smoke_run, tmp_path
     for name in ("responses.jsonl", "contexts.jsonl", "judgments.jsonl", "pairs.jsonl"):
       assert (read_jsonl(tmp_path / f"iter_{t}" / name)
               == read_jsonl(baseline / f"iter_{t}" / name)), (t, name)
+  steps = lambda path: [row["step"] for row in read_jsonl(path)]
+  assert steps(tmp_path / "metrics.jsonl") == [0, 1]
+  for t in (0, 1):  # each step once: none lost at the kill, none repeated after
+    train_metrics = pathlib.Path(f"iter_{t}", "train", "metrics.jsonl")
+    assert steps(tmp_path / train_metrics) == steps(baseline / train_metrics), t
   resumed, uninterrupted = policy_params(tmp_path, 1), policy_params(baseline, 1)
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(uninterrupted)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

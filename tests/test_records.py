@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -104,6 +105,15 @@ def test_write_jsonl_is_atomic(tmp_path):
   # The old file survives a failed write, and no temporary file is left.
   assert [json.loads(l) for l in path.read_text().splitlines()] == [DPO, QA]
   assert os.listdir(path.parent) == ["pairs.jsonl"]
+
+
+def test_write_jsonl_gives_the_mode_of_the_umask(tmp_path):
+  umask = os.umask(0o027)
+  try:
+    records.write_jsonl(tmp_path / "pairs.jsonl", [DPO])
+  finally:
+    os.umask(umask)
+  assert stat.S_IMODE((tmp_path / "pairs.jsonl").stat().st_mode) == 0o640
 
 
 def test_appender_drops_a_partial_last_line(tmp_path, caplog):

@@ -1,5 +1,6 @@
 """The training loop: DPO learns a preference rule; a killed run resumes exactly."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,25 @@ def test_killed_run_resumes_exactly(setup, tmp_path):
     assert ckpt.latest_step() == 6
   for got, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(expected)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("killed_at", [5, 7])
+def test_killed_run_records_each_step_once(setup, tmp_path, killed_at):
+  """Killed right after the checkpoint at step 4 (5) or two steps later (7)."""
+  trainer, model, items = setup["trainer"], setup["model"], setup["items"]
+
+  def run(batches):
+    with checkpoint.Checkpointer(tmp_path / "ckpt", save_interval_steps=4) as ckpt, \
+         metrics.MetricsWriter(tmp_path, enabled=True) as writer:
+      state = train.restore_or_init(trainer, model, ckpt, batches)
+      train.fit(_update(trainer), state, batches, num_steps=8, checkpointer=ckpt,
+                writer=writer)
+
+  with pytest.raises(KeyboardInterrupt):
+    run(ListIterator(items, stop_after=killed_at - 1))
+  run(ListIterator(items))
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
 
 
 def test_restore_onto_another_mesh_shape(setup, tmp_path):

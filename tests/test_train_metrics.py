@@ -1,5 +1,6 @@
 """Metrics writer: jsonl rows and TensorBoard event records, resume-safe."""
 import glob
+import json
 import struct
 
 import jax.numpy as jnp
@@ -38,19 +39,20 @@ def test_writes_jsonl_and_tensorboard(tmp_path):
   assert scalars["rewards/accuracies"] == [(1, 1.0), (2, 0.5)]
 
 
-def test_resumed_run_replaces_steps_and_drops_partial_line(tmp_path):
+def test_resumed_run_records_each_step_once_and_drops_partial_line(tmp_path):
   with metrics.MetricsWriter(tmp_path, enabled=True) as writer:
     for step in (1, 2, 3):
       writer.write(step, {"loss": float(step)})
   with open(tmp_path / "metrics.jsonl", "a") as f:
     f.write('{"step": 4, "lo')  # killed mid-line
-  # Resumed from a checkpoint at step 2: steps 3 and 4 are written again.
+  # Resumed from a checkpoint at step 2: steps 3 and 4 are computed again.
   with metrics.MetricsWriter(tmp_path, enabled=True) as writer:
-    writer.write(3, {"loss": 30.0})
-    writer.write(4, {"loss": 40.0})
-  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
-  assert [(r["step"], r["loss"]) for r in rows] == [
-      (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    writer.write(3, {"loss": 3.0})
+    writer.write(4, {"loss": 4.0})
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line) for line in lines] == [
+      {"step": s, "loss": float(s)} for s in (1, 2, 3, 4)]
+  assert sorted(_read_tb_scalars(tmp_path)["loss"]) == [(s, float(s)) for s in (1, 2, 3, 4)]
 
 
 def test_disabled_writer_writes_nothing(tmp_path):

@@ -30,7 +30,7 @@ import logging
 import operator
 import os
 from pathlib import Path
-import tempfile
+import secrets
 from typing import Any
 
 Record = dict[str, Any]
@@ -223,19 +223,23 @@ def read_jsonl(
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
-  """Writes records as jsonl, atomically: readers see the old or new file."""
+  """Writes records as jsonl, atomically: readers see the old or new file.
+
+  The file gets the mode any new file gets (the umask's), not the 0600 of a
+  `tempfile.mkstemp` file.
+  """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
   try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with open(tmp, "x", encoding="utf-8") as f:
       for record in records:
         f.write(_dumps(record))
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
-    os.unlink(tmp)
+    tmp.unlink(missing_ok=True)
     raise
 
 

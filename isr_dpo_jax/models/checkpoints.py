@@ -26,6 +26,7 @@ from collections.abc import Callable
 import json
 import os
 import re
+import stat
 
 import jax
 import jax.numpy as jnp
@@ -312,15 +313,19 @@ def save_pretrained(model: VideoLlava, path: str | os.PathLike, *, layout: str =
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
   write = jax.process_index() == 0
+  config_path = os.path.join(path, "config.json")
   if write:
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
+    with open(config_path, "w") as f:
       json.dump(config_dict, f, indent=2)
   weight_map = {}
   for name, shard in zip(names, shards):
     arrays = {key: thunk() for key, _, thunk in shard}
     if write:
       save_file(arrays, os.path.join(path, name), metadata={"format": "pt"})
+      # safetensors writes through a 0600 temporary file: give the shard the
+      # mode that config.json got from the umask.
+      os.chmod(os.path.join(path, name), stat.S_IMODE(os.stat(config_path).st_mode))
     weight_map.update({key: name for key in arrays})
   if write and len(shards) > 1:
     total = sum(item[1] for shard in shards for item in shard)
