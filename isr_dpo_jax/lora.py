@@ -47,9 +47,9 @@ class Config:
   targets: tuple[str, ...] = LLM_PROJECTIONS
 
   def __post_init__(self):
-    if self.rank < 0 or self.alpha <= 0:
-      raise ValueError(f"LoRA needs rank >= 0 and alpha > 0, got rank {self.rank}, "
-                       f"alpha {self.alpha}")
+    if self.rank < 0 or self.alpha <= 0 or (self.rank and not self.targets):
+      raise ValueError(f"LoRA needs rank >= 0, alpha > 0 and a target, got rank "
+                       f"{self.rank}, alpha {self.alpha}, targets {self.targets}")
 
   @classmethod
   def from_mapping(cls, cfg) -> "Config":

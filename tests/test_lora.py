@@ -301,3 +301,10 @@ def test_lora_iteration_end_to_end(tmp_path, load_config):
   np.testing.assert_array_equal(
       hf.model.language_model.layers[0].self_attn.q_proj.weight.detach().numpy(),
       np.asarray(q_proj).T)
+
+
+@pytest.mark.parametrize("kwargs", [dict(rank=-1), dict(alpha=0.0),
+                                    dict(rank=4, targets=())])
+def test_config_rejects_what_cannot_train(kwargs):
+  with pytest.raises(ValueError, match="LoRA needs"):
+    lora.Config(**kwargs)
