@@ -5,6 +5,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerance
 import transformers
 
 from isr_dpo_jax.data import video
@@ -80,5 +81,5 @@ def test_normalize_on_host_and_device():
   host = video.normalize(pixels)
   device = video.normalize(jnp.asarray(pixels))
   assert host.dtype == device.dtype == np.float32
-  np.testing.assert_allclose(host, expected, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(np.asarray(device), host, rtol=1e-6, atol=1e-6)
+  tolerance.assert_close(host, expected)
+  tolerance.assert_close(device, host)

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tolerance
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -60,7 +61,7 @@ def test_sharded_forward_equals_unsharded(checkpoint, mesh):
   got = forward(sharded, batch(ids), batch(frames), batch(mask))
   expected = model(jnp.asarray(ids), videos=jnp.asarray(frames), attention_mask=jnp.asarray(mask))
   assert got.sharding.mesh == mesh
-  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-5, rtol=0)
+  tolerance.assert_close(got, expected)
 
 
 def test_create_sharded_matches_plain_creation(mesh):
@@ -69,5 +70,4 @@ def test_create_sharded_matches_plain_creation(mesh):
   make = lambda: models.Llama(cfg, rngs=nnx.Rngs(0))
   sharded = parallel.create_sharded(make, mesh)
   assert sharded.layers[0].mlp.gate_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
-               nnx.state(sharded), nnx.state(make()))
+  tolerance.assert_trees_close(nnx.state(sharded), nnx.state(make()))

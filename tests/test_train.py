@@ -13,6 +13,7 @@ import hf_reference as ref
 import jax
 import numpy as np
 import pytest
+import tolerance
 import torch
 from flax import nnx
 
@@ -177,9 +178,7 @@ def test_reference_logps_match_transformers(single, torch_step):
 
 
 def test_dpo_loss_and_metrics_match_torch(single, torch_step):
-  for name, expected in torch_step["metrics"].items():
-    np.testing.assert_allclose(single["metrics"][name], expected, rtol=1e-5,
-                               atol=1e-5, err_msg=name)
+  tolerance.assert_metrics_close(single["metrics"], torch_step["metrics"])
   assert single["metrics"]["grad_norm"] > CONFIG.max_grad_norm  # clipping on
   assert single["metrics"]["learning_rate"] == CONFIG.learning_rate
 
@@ -190,8 +189,9 @@ def test_update_matches_torch_adamw(single, torch_step):
   flat_expected = dict(jax.tree_util.tree_flatten_with_path(torch_step["updated"])[0])
   for path, got in jax.tree_util.tree_flatten_with_path(after)[0]:
     name = train.path_name(path)
-    np.testing.assert_allclose(np.asarray(got), flat_expected[path],
-                               atol=2e-6, rtol=0, err_msg=name)
+    tolerance.assert_adam_weights_close(
+        {name: got}, {name: flat_expected[path]},
+        learning_rate=CONFIG.learning_rate)
   changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
                          before, after)
   for path, was_changed in jax.tree_util.tree_flatten_with_path(changed)[0]:
@@ -232,11 +232,10 @@ def test_sharded_accumulated_step_equals_single_device(setup, single,
                                       setup["batch"], setup["frames"],
                                       *single["ref_logps"])
   assert state.params["language_model"]["embed_tokens"]["embedding"].sharding.mesh == mesh
-  for name, expected in single["metrics"].items():
-    np.testing.assert_allclose(metrics[name], expected, rtol=2e-5, atol=1e-6,
-                               err_msg=name)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               jax.device_get(state.params), jax.device_get(single["state"].params))
+  tolerance.assert_metrics_close(metrics, single["metrics"])
+  tolerance.assert_adam_weights_close(
+      jax.device_get(state.params), jax.device_get(single["state"].params),
+      learning_rate=CONFIG.learning_rate)
 
   sft = _sft_batch(setup["batch"])
   single_trainer = single["trainer"]
@@ -245,11 +244,9 @@ def test_sharded_accumulated_step_equals_single_device(setup, single,
   state, metrics = trainer.sft_update(trainer.init_state(model), sft,
                                       setup["frames"])
   np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-5)
-  # Adam's first step is about lr * sign(g): where |g| is tiny, float32
-  # summation order moves it by a fraction of lr.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
-               jax.device_get(state.params),
-               jax.device_get(expected_state.params))
+  tolerance.assert_adam_weights_close(
+      jax.device_get(state.params), jax.device_get(expected_state.params),
+      learning_rate=CONFIG.learning_rate)
 
 
 def _loss_and_grads(model, batch, feats, reference, config):
@@ -271,12 +268,11 @@ def test_packed_equals_plain_with_the_model(setup, single):
       for packed in (False, True)]
   (plain_loss, plain_metrics), plain_grads = results[0]
   (packed_loss, packed_metrics), packed_grads = results[1]
-  np.testing.assert_allclose(packed_loss, plain_loss, rtol=1e-6)
-  for name in ("logps/chosen", "logps/rejected", "rewards/margins"):
-    np.testing.assert_allclose(packed_metrics[name], plain_metrics[name],
-                               rtol=1e-5, err_msg=name)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               packed_grads, plain_grads)
+  tolerance.assert_close(packed_loss, plain_loss)
+  tolerance.assert_metrics_close(packed_metrics, {
+      name: plain_metrics[name]
+      for name in ("logps/chosen", "logps/rejected", "rewards/margins")})
+  tolerance.assert_trees_close(packed_grads, plain_grads)
 
 
 def test_dummy_rows_count_for_nothing(setup, single):
@@ -295,12 +291,9 @@ def test_dummy_rows_count_for_nothing(setup, single):
   (expected_loss, expected_metrics), expected_grads = _loss_and_grads(
       model, jax.tree.map(lambda x: x[:real], batch), feats[:real],
       [x[:real] for x in reference], CONFIG)
-  np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
-  for name, value in expected_metrics.items():
-    np.testing.assert_allclose(metrics[name], value, rtol=1e-5, err_msg=name)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                      atol=1e-7),
-               grads, expected_grads)
+  tolerance.assert_close(loss, expected_loss)
+  tolerance.assert_metrics_close(metrics, expected_metrics)
+  tolerance.assert_trees_close(grads, expected_grads)
 
 
 def test_schedules():
@@ -323,10 +316,8 @@ def test_remat_gives_the_same_gradients(setup, single):
   (remat_loss, _), remat_grads = _loss_and_grads(
       model, setup["batch"], feats, single["ref_logps"],
       dataclasses.replace(CONFIG, remat="nothing_saveable"))
-  np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
-                                                      atol=1e-7),
-               remat_grads, grads)
+  tolerance.assert_close(remat_loss, loss)
+  tolerance.assert_trees_close(remat_grads, grads)
 
 
 def test_frozen_reference_model_equals_stored_reference_logps(setup, single):
@@ -337,9 +328,7 @@ def test_frozen_reference_model_equals_stored_reference_logps(setup, single):
   _, metrics = trainer.dpo_update(
       trainer.init_state(model), setup["batch"], setup["frames"],
       reference_params=nnx.to_pure_dict(nnx.state(reference)))
-  for name, expected in single["metrics"].items():
-    np.testing.assert_allclose(metrics[name], expected, rtol=1e-5, atol=1e-6,
-                               err_msg=name)
+  tolerance.assert_metrics_close(metrics, single["metrics"])
 
 
 @pytest.mark.parametrize("frozen,trained", [
