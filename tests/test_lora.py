@@ -308,3 +308,26 @@ def test_lora_iteration_end_to_end(tmp_path, load_config):
 def test_config_rejects_what_cannot_train(kwargs):
   with pytest.raises(ValueError, match="LoRA needs"):
     lora.Config(**kwargs)
+
+
+def test_lora_steps_compile_from_abstract_shapes(setup):
+  """As a plan compiles them: no weights, the model built by nnx.eval_shape."""
+  cfg = setup["model"].config
+  model = nnx.eval_shape(lambda: models.VideoLlava(cfg, rngs=nnx.Rngs(0)))
+  mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+  trainer = train.Trainer(model, CONFIG, mesh, total_steps=10)
+  state = trainer.abstract_state()
+  rows = lambda *shape, dtype=np.int32: jax.ShapeDtypeStruct(shape, dtype)
+  prompt_len = cfg.num_video_tokens + 8
+  pairs = batching.PreferenceBatch(rows(8, prompt_len), rows(8, prompt_len, dtype=bool),
+                                   rows(8, 6), rows(8, 6, dtype=bool),
+                                   rows(8, 6), rows(8, 6, dtype=bool))
+  frames = rows(8, ref.NUM_FRAMES, ref.IMAGE_SIZE, ref.IMAGE_SIZE, 3, dtype=np.uint8)
+  feats = jax.eval_shape(trainer.encode_video, trainer.base, frames)
+  reference = (rows(8, dtype=np.float32),) * 2
+  step = trainer.dpo_step.lower(state, pairs, feats, *reference, trainer.base).compile()
+  merge = trainer.merge_adapters.lower(trainer.base, state.params).compile()
+  shapes = lambda tree: [(train.path_name(p), x.shape) for p, x in
+                         jax.tree_util.tree_flatten_with_path(tree)[0]]
+  assert shapes(step.out_info[0]) == shapes(state)  # the base is not in the state
+  assert shapes(merge.out_info) == shapes(trainer.base)  # a plain model
