@@ -8,8 +8,11 @@ the arrays are copied off the devices, so the caller may donate the state to
 the next step while the files are written.
 
 Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with shardings),
-so a checkpoint written on one mesh loads directly onto another.
+so a checkpoint written on one mesh loads directly onto another. A step that
+does not restore (files lost to a kill, a full disk or a hand) is deleted
+and the step before it restored, so a damaged checkpoint never blocks resume.
 """
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +20,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from isr_dpo_jax import errors
+
 PyTree = Any
+
+
+class CheckpointError(errors.UserError):
+  """No step of a checkpoint directory restores."""
 
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> str:
@@ -56,19 +65,39 @@ class Checkpointer:
 
   def restore(self, abstract_state: PyTree, step: int | None = None
               ) -> tuple[PyTree, dict]:
-    """Restores (state, data_state) at `step` (default: latest).
+    """Restores (state, data_state) at `step`, by default the newest that restores.
 
     `abstract_state` gives shapes, dtypes and the target shardings, e.g.
     `jax.eval_shape(init_fn)` with `.sharding` set for the current mesh.
-    `data_state` is `{}` when none was saved.
+    `data_state` is `{}` when none was saved. Steps newer than the one
+    restored did not restore: they are deleted (so that training can save
+    those steps again) and named in one logged line. CheckpointError if no
+    step restores.
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
+    steps = [step] if step is not None else sorted(self._manager.all_steps(),
+                                                   reverse=True)
+    if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+    failures = []
+    for candidate in steps:
+      try:
+        restored = self._manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax and tensorstore raise many types (ValueError,
+        # FileNotFoundError, ...) for a step whose files are gone or cut.
+        failures.append((candidate, _first_line(e)))
+        continue
+      if failures:
+        for damaged, _ in failures:
+          self._manager.delete(damaged)
+        logging.warning("%s: %s; deleted, resuming from step %d",
+                        self.directory, _describe(failures), candidate)
+      return restored["state"], restored["data"]
+    raise CheckpointError(
+        f"{self.directory}: no checkpoint restores ({_describe(failures)}); "
+        "delete the directory to start this training from its first step")
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""
@@ -82,6 +111,18 @@ class Checkpointer:
 
   def __exit__(self, *exc):
     self.close()
+
+
+def _first_line(error: Exception, limit: int = 200) -> str:
+  """'ValueError: <its first line, cut at `limit`>': Orbax's run to pages."""
+  lines = str(error).strip().splitlines() or [""]
+  line = lines[0] if len(lines[0]) <= limit else lines[0][:limit] + "..."
+  return f"{type(error).__name__}: {line}"
+
+
+def _describe(failures: list[tuple[int, str]]) -> str:
+  return "; ".join(f"step {step} does not restore ({reason})"
+                   for step, reason in failures)
 
 
 def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:

@@ -1,4 +1,7 @@
-"""Checkpoint save/restore: exact, async, resumable, onto another mesh shape."""
+"""Checkpoint save/restore: exact, async, resumable, onto another mesh shape,
+past a damaged step."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from isr_dpo_jax import checkpoint
+from isr_dpo_jax import errors
+from isr_dpo_jax import train
 
 
 def _mesh(shape):
@@ -106,3 +111,58 @@ def test_restore_without_checkpoint_names_directory(tmp_path):
   with checkpoint.Checkpointer(tmp_path / "empty") as ckpt:
     with pytest.raises(FileNotFoundError, match="empty"):
       ckpt.restore({})
+
+
+def _damage(step_dir, part):
+  """Deletes `part` of a step's state: its tree metadata or its array data."""
+  state_dir = step_dir / "state"
+  if part == "_METADATA":
+    (state_dir / "_METADATA").unlink()
+  else:
+    for path in (state_dir / "d").iterdir():
+      path.unlink()
+
+
+def _train_state_checkpoints(directory, steps):
+  """A TrainState saved at `steps`, each with data state {"step": step}."""
+  state = train.TrainState(**_state(_mesh((1, 4, 2))))
+  with checkpoint.Checkpointer(directory, save_interval_steps=1,
+                               max_to_keep=None) as ckpt:
+    for step in steps:
+      ckpt.save(step, state, {"step": step})
+    ckpt.wait()
+  return state
+
+
+@pytest.mark.parametrize("part", ["_METADATA", "d"])
+def test_a_damaged_newest_step_is_skipped_for_the_one_before(tmp_path, part,
+                                                             caplog):
+  state = _train_state_checkpoints(tmp_path, steps=(1, 2, 3))
+  _damage(tmp_path / "3", part)
+  target = _target_on(state, _mesh((1, 4, 2)))
+  with caplog.at_level(logging.WARNING), checkpoint.Checkpointer(tmp_path) as ckpt:
+    restored, data_state = ckpt.restore(target)
+    assert data_state == {"step": 2}
+    _assert_trees_equal(restored, state)
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "step 3 does not restore" in record.getMessage()
+    assert "resuming from step 2" in record.getMessage()
+    assert "\n" not in record.getMessage() and len(record.getMessage()) < 400
+    # The damaged step is gone: training saves step 3 again.
+    assert ckpt.latest_step() == 2
+    assert ckpt.save(3, state, {"step": 3}, force=True)
+    ckpt.wait()
+    assert ckpt.restore(target)[1] == {"step": 3}
+
+
+def test_no_step_restoring_is_one_line_user_error(tmp_path):
+  state = _train_state_checkpoints(tmp_path, steps=(1, 2))
+  _damage(tmp_path / "1", "d")
+  _damage(tmp_path / "2", "_METADATA")
+  with checkpoint.Checkpointer(tmp_path) as ckpt:
+    with pytest.raises(checkpoint.CheckpointError) as error:
+      ckpt.restore(_target_on(state, _mesh((1, 4, 2))))
+  message = str(error.value)
+  assert isinstance(error.value, errors.UserError)
+  assert "\n" not in message and str(tmp_path) in message
+  assert "step 2 does not restore" in message and "step 1 does not restore" in message
