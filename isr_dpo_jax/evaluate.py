@@ -3,16 +3,18 @@
 Answers, judged or matched, into a results table.
 
 Per test set, predictions and judgments are appended to
-`{workdir}/{test set}/predictions.jsonl` and `judgments.jsonl` as they come,
-keyed by record id, so a killed run picks up where it stopped; the table goes
-to `{workdir}/results.md` and `results.jsonl`. Answers come from
+`{workdir}/{test set}/predictions.jsonl` and `judgments_{protocol}.jsonl` as
+they come, keyed by record id, so a killed run picks up where it stopped; the
+table goes to `{workdir}/results.md` and `results.jsonl`. Answers come from
 `answer_fn(records) -> predictions` (greedy decoding by the generation engine);
 a record it cannot answer (its video does not decode) is skipped like a bad
 test line: logged as file:line, listed in `{test set}/errors.jsonl`, counted in
 the table's Skipped column, never judged.
-Scores come from the caption-grounded judge of `eval.judge_prompt` (any
-`eval.judge_client.Judge`), or, for test sets whose answers can be checked
-(the synthetic world's), from a checker without any judge.
+Scores come from a judge (any `eval.judge_client.Judge`) under the protocol
+of config.eval.protocol (`eval.protocols`: ISR-DPO's caption-grounded 1-5
+scores, or the Video-ChatGPT-style yes/no of LLaVA-Hound-DPO's published
+table), or, for test sets whose answers can be checked (the synthetic
+world's), from a checker without any judge.
 """
 import contextlib
 import dataclasses
@@ -31,7 +33,7 @@ from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
 from isr_dpo_jax.data import video as video_lib
 from isr_dpo_jax.eval import judge_client
-from isr_dpo_jax.eval import judge_prompt
+from isr_dpo_jax.eval import protocols
 from isr_dpo_jax.eval import scoring
 from isr_dpo_jax.eval import tables
 from isr_dpo_jax.eval import test_sets
@@ -44,13 +46,18 @@ AnswerFn = Callable[[Sequence[test_sets.QARecord]],
 def default_config() -> config_dict.ConfigDict:
   """Evaluation settings; the judge defaults are the published protocol's."""
   return config_dict.ConfigDict(dict(
-      test_sets=list(test_sets.OUT_DOMAIN),
+      # A tuple, so that the command line can set it: --config.eval.test_sets=
+      # "('msvd_official', 'msrvtt_official', 'tgif_official')".
+      test_sets=test_sets.OUT_DOMAIN,
       # Folder of `{name}.qa.jsonl`: video_instruction/test of
       # ShareGPTVideo/test_video_and_instruction.
       test_root=config_dict.placeholder(str),
       max_error_rate=0.01,  # share of bad test-file lines that stops the run
       batch_size=32,  # records per answer_fn call
       scoring="judge",  # "judge" or "match" (checker, no judge)
+      # "caption_grounded" (ISR-DPO's) or "video_chatgpt" (the protocol of
+      # LLaVA-Hound-DPO's published MSVD/MSRVTT/TGIF table): eval.protocols.
+      protocol="caption_grounded",
       judge=dict(
           model="gpt-3.5-turbo-0301",
           base_url=config_dict.placeholder(str),  # else OPENAI_BASE_URL
@@ -88,7 +95,8 @@ def main(config: config_dict.ConfigDict, workdir: str) -> None:
             config.eval.judge.local, mesh=mesh, template=config.data.template,
             video_root=setup.video_root, batch_size=config.sampling.batch_size,
             buckets=config.sampling.buckets))
-    judge = local_judge(judge_policy, config.eval.judge.max_new_tokens)
+    judge = local_judge(judge_policy, config.eval.judge.max_new_tokens,
+                        protocols.get(config.eval.protocol).system)
   try:
     rows = evaluate_policy(policy, config, setup.test_sets, workdir, judge=judge)
   except judge_client.JudgeUnreachable as e:
@@ -102,10 +110,16 @@ def main(config: config_dict.ConfigDict, workdir: str) -> None:
         "rerun the same command to judge only those")
 
 
-def local_judge(policy: policy_lib.Policy, max_new_tokens: int) -> judge_client.Judge:
-  """A judge run by this project: a local checkpoint writes the verdicts, greedily."""
+def local_judge(policy: policy_lib.Policy, max_new_tokens: int,
+                system: str | None = None) -> judge_client.Judge:
+  """A judge run by this project: a local checkpoint writes the verdicts, greedily.
+
+  A protocol's `system` message goes in front of each prompt, as the
+  checkpoint's template has a system text of its own.
+  """
   greedy = sampling.SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-  return lambda prompts: policy.complete(list(prompts), greedy)
+  prefix = f"{system}\n\n" if system else ""
+  return lambda prompts: policy.complete([prefix + p for p in prompts], greedy)
 
 
 def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
@@ -142,13 +156,17 @@ def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
 
 def openai_judge(config: config_dict.ConfigDict,
                  workdir: str | os.PathLike[str]) -> judge_client.OpenAIJudge:
-  """The endpoint judge of `config.judge`, caching under `workdir` by default."""
+  """The endpoint judge of `config.judge`, caching under `workdir` by default.
+
+  It sends the system message of `config.protocol`.
+  """
   c = config.judge
   return judge_client.OpenAIJudge(
       model=c.model, base_url=c.base_url, api_key=c.api_key,
       cache_path=c.cache_path or Path(workdir) / "judge_cache.jsonl",
       concurrency=c.concurrency, max_retries=c.max_retries,
-      timeout_s=c.timeout_s, backoff_s=c.backoff_s)
+      timeout_s=c.timeout_s, backoff_s=c.backoff_s,
+      system=protocols.get(config.protocol).system)
 
 
 def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
@@ -158,10 +176,13 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
   """Evaluates every test set of `config`, then writes the results table.
 
   With config.scoring == "judge", `judge` (a local model, say) replaces the
-  endpoint judge of config.judge; with "match", `checker` scores answers.
+  endpoint judge of config.judge, and is given the user messages of
+  config.protocol (its system message is the judge's to add); with "match",
+  `checker` scores answers.
   """
   if config.scoring not in ("judge", "match"):
     raise ValueError(f"scoring must be 'judge' or 'match': {config.scoring!r}")
+  protocol = protocols.get(config.protocol)
   with contextlib.ExitStack() as stack:
     if config.scoring == "match":
       judge = None
@@ -169,11 +190,12 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
       judge = stack.enter_context(openai_judge(config, workdir))
     rows = []
     for name in config.test_sets:
-      test_set = test_sets.load_test_set(name, config.test_root,
-                                         config.max_error_rate)
+      test_set = test_sets.load_test_set(
+          name, config.test_root, config.max_error_rate,
+          with_caption=protocol.needs_caption)
       rows.append(evaluate_test_set(
           test_set, Path(workdir) / test_set.name, answer_fn, judge=judge,
-          checker=checker, batch_size=config.batch_size,
+          protocol=protocol, checker=checker, batch_size=config.batch_size,
           judge_batch_size=config.judge.batch_size, tokenizer=tokenizer))
     if stats := getattr(judge, "stats", None):
       logging.info("judge: %s", stats)
@@ -185,6 +207,7 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
 def evaluate_test_set(test_set: test_sets.TestSet,
                       workdir: str | os.PathLike[str], answer_fn: AnswerFn, *,
                       judge: judge_client.Judge | None = None,
+                      protocol: protocols.Protocol = protocols.CAPTION_GROUNDED,
                       checker: scoring.Checker = scoring.keyword_match,
                       batch_size: int = 32, judge_batch_size: int = 64,
                       tokenizer=None) -> tables.ResultRow:
@@ -207,14 +230,19 @@ def evaluate_test_set(test_set: test_sets.TestSet,
         mean_score=None, parsed=len(texts), parse_failures=0)
     unjudged = 0
   else:
-    with records.JsonlAppender(workdir / "judgments.jsonl") as log:
-      judge_records(answered, predictions, judge, log, judge_batch_size)
-      scores = {row["id"]: row["score"] for row in log.records}
-    summary = scoring.summarize_scores(
-        [scores[r.id] for r in answered if r.id in scores])
-    unjudged = sum(r.id not in scores for r in answered)
+    path = workdir / f"judgments_{protocol.name}.jsonl"
+    with records.JsonlAppender(path) as log:
+      judge_records(answered, predictions, judge, protocol, log,
+                    judge_batch_size)
+      verdicts = {row["id"]: protocols.Verdict(row["correct"], row["score"])
+                  for row in log.records}
+    summary = scoring.summarize_verdicts(
+        [verdicts[r.id] for r in answered if r.id in verdicts])
+    unjudged = sum(r.id not in verdicts for r in answered)
   return tables.ResultRow(
-      test_set=test_set.name, n=len(answered), skipped=len(skipped.errors),
+      test_set=test_set.name,
+      protocol="match" if judge is None else protocol.name,
+      n=len(answered), skipped=len(skipped.errors),
       accuracy=summary.accuracy, score=summary.mean_score,
       scored=summary.parsed, parse_failures=summary.parse_failures,
       unjudged=unjudged,
@@ -252,23 +280,25 @@ def answer_records(test_set: test_sets.TestSet, answer_fn: AnswerFn,
 
 def judge_records(test_records: Sequence[test_sets.QARecord],
                   predictions: dict[str, str], judge: judge_client.Judge,
-                  log: records.JsonlAppender, batch_size: int) -> None:
+                  protocol: protocols.Protocol, log: records.JsonlAppender,
+                  batch_size: int) -> None:
   """Judges the records not yet in `log`, batch by batch.
 
   Records the judge could not answer are left out, to be tried again on the
-  next run; replies without a score are kept, with score None.
+  next run; replies the protocol cannot read are kept, with None for what
+  they lack.
   """
   todo = [r for r in test_records if r.id not in log.done]
   logging.info("%s: %d of %d records to judge", log.path, len(todo),
                len(test_records))
   for batch in _batches(todo, batch_size):
-    replies = judge([judge_prompt.judge_prompt(
-        caption=r.caption, question=r.question, answer=r.answer,
-        prediction=predictions[r.id]) for r in batch])
+    replies = judge([protocol.user_message(r, predictions[r.id])
+                     for r in batch])
     for record, reply in zip(batch, replies, strict=True):
       if reply is not None:
+        verdict = protocol.parse(reply)
         log.append({"id": record.id, "reply": reply,
-                    "score": judge_prompt.parse_score(reply)})
+                    "correct": verdict.correct, "score": verdict.score})
     logging.info("%s: %d records judged", log.path, len(log.done))
 
 

@@ -22,6 +22,7 @@ from isr_dpo_jax import evaluate
 from isr_dpo_jax.eval import judge_client
 from isr_dpo_jax.eval import judge_prompt
 from isr_dpo_jax.eval import test_sets
+from isr_dpo_jax.eval import video_chatgpt_prompt
 
 TIMEOUT_S = 0.2
 SLOW_S = 0.6
@@ -54,9 +55,10 @@ class _ChatServer(http.server.ThreadingHTTPServer):
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-  """Replies by the [tag] in the user message: ok:N, noscore, badjson,
-  429xK and 500xK (K failures, then ok), 500 (always; also without a tag),
-  slow (past the timeout), busy (briefly), 401."""
+  """Replies by the [tag] in the user message: ok:N, dict:yes|no:N (a
+  Video-ChatGPT-style reply), noscore, badjson, 429xK and 500xK (K failures,
+  then ok), 500 (always; also without a tag), slow (past the timeout), busy
+  (briefly), 401."""
 
   def do_POST(self):
     with self.server.lock:
@@ -89,6 +91,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       self._send(status, json.dumps({"error": {"message": tag}}).encode())
     elif kind == "badjson":
       self._send(200, b'{"choices": [')
+    elif kind == "dict":
+      pred, _, score = arg.partition(":")
+      self._send(200, json.dumps(_completion(
+          f"{{'pred': '{pred}', 'score': {score}}}")).encode())
     elif kind == "noscore":
       self._send(200, json.dumps(_completion(
           "Explanation: I cannot tell.")).encode())
@@ -239,6 +245,41 @@ def test_evaluation_with_the_endpoint_from_the_environment(server, tmp_path,
   (rerun,) = evaluate.evaluate(config, tmp_path / "eval", answer_fn)
   assert server.attempts == {"500": 2}
   assert rerun == row
+
+
+def test_video_chatgpt_protocol_asks_with_its_system_message_counts_yes(
+    server, tmp_path):
+  tags = ["dict:yes:5", "dict:no:1", "dict:yes:3", "noscore", "500"]
+  rows = [{"id": f"q{i}", "video": f"v{i}",  # no caption, none needed
+           "conversations": [
+               {"from": "human", "value": f"<video>\n[{tag}] What is it?"},
+               {"from": "gpt", "value": "This."}]}
+          for i, tag in enumerate(tags)]
+  path = tmp_path / "msvd.qa.official.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  config = evaluate.default_config()
+  config.update(test_sets=[str(path)], protocol="video_chatgpt")
+  config.judge.update(model="judge-test", base_url=server.url,
+                      api_key="sk-test", max_retries=0)
+
+  (row,) = evaluate.evaluate(config, tmp_path / "eval",
+                             lambda batch: ["It is this one."] * len(batch))
+
+  for body in server.bodies:
+    system, user = body["messages"]
+    assert system == {"role": "system",
+                      "content": video_chatgpt_prompt.SYSTEM_PROMPT}
+    assert user["role"] == "user" and user["content"].startswith(
+        "Please evaluate the following video-based question-answer pair:\n")
+    assert "\nCorrect Answer: This.\nPredicted Answer: It is this one.\n" in (
+        user["content"])
+  # "Explanation: I cannot tell." holds a "no" and no score, as published.
+  assert (row.protocol, row.n, row.scored, row.parse_failures,
+          row.unjudged) == ("video_chatgpt", 5, 3, 1, 1)
+  assert row.accuracy == pytest.approx(2 / 4)
+  assert row.score == pytest.approx((5 + 1 + 3) / 3)
+  assert "| msvd.qa.official | video_chatgpt | 5 | 0 | 50.00 | 3.00 | 1 | 1 |" in (
+      tmp_path / "eval" / "results.md").read_text()
 
 
 def test_eval_exits_non_zero_on_a_closed_endpoint_and_on_unjudged_records(

@@ -8,17 +8,32 @@ import tokenizers
 from tokenizers import models, pre_tokenizers, processors
 import transformers
 
+from isr_dpo_jax.eval import protocols
 from isr_dpo_jax.eval import scoring
 from isr_dpo_jax.eval import test_sets
 
 
-def test_summary_is_over_parsed_scores_with_failures_beside():
-  summary = scoring.summarize_scores([5.0, 3.0, None, 2.5, 1.0, None])
+def test_caption_grounded_summary_is_over_parsed_scores_failures_beside():
+  verdicts = [protocols.CAPTION_GROUNDED.parse(f"Score: {s}") if s else
+              protocols.CAPTION_GROUNDED.parse("no number")
+              for s in ("5", "3", None, "2.5", "1", None)]
+  summary = scoring.summarize_verdicts(verdicts)
   assert summary.parsed == 4 and summary.parse_failures == 2
   assert summary.accuracy == pytest.approx(2 / 4)  # 5 and 3 pass, 2.5 fails
   assert summary.mean_score == pytest.approx((5 + 3 + 2.5 + 1) / 4)
-  assert scoring.summarize_scores([None, None]) == scoring.ScoreSummary(
+  assert scoring.summarize_verdicts(verdicts[2::3]) == scoring.ScoreSummary(
       None, None, 0, 2)
+
+
+def test_video_chatgpt_summary_is_the_share_of_yes_and_the_mean_score():
+  verdicts = [protocols.VIDEO_CHATGPT.parse(reply) for reply in (
+      "{'pred': 'yes', 'score': 5}", "{'pred': 'no', 'score': 1}",
+      "{'pred': 'yes', 'score': 4}", "{'pred': 'yes'}", "I cannot tell.")]
+  summary = scoring.summarize_verdicts(verdicts)
+  # "I cannot tell." holds "no" (in "cannot"): a "no" without a score.
+  assert summary.accuracy == pytest.approx(3 / 5)
+  assert summary.mean_score == pytest.approx((5 + 1 + 4) / 3)
+  assert (summary.parsed, summary.parse_failures) == (3, 2)
 
 
 @pytest.mark.parametrize("answer, prediction, exact, keyword", [

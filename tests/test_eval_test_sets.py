@@ -52,7 +52,11 @@ def test_too_many_bad_records_stop_the_run(tmp_path):
 
 def test_registry_maps_names_to_the_sharegptvideo_test_folder(tmp_path):
   assert set(test_sets.TEST_SET_FILES) == {
-      "msvd", "msrvtt", "tgif", "ssv2", "actnet", "vidal", "webvid"}
+      "msvd", "msrvtt", "tgif", "ssv2", "actnet", "vidal", "webvid",
+      "msvd_official", "msrvtt_official", "tgif_official"}
+  # LLaVA-Hound-DPO's test/pipeline/outdomain_official_test_pipeline.sh reads
+  # $TEST_DATA_DIR/${data_name}.qa.official.jsonl.
+  assert test_sets.TEST_SET_FILES["msrvtt_official"] == "msrvtt.qa.official.jsonl"
   _write(tmp_path / "tgif.qa.jsonl", [json.dumps(_row(1))])
   test_set = test_sets.load_test_set("tgif", tmp_path)
   assert (test_set.name, test_set.path) == ("tgif", tmp_path / "tgif.qa.jsonl")
@@ -61,3 +65,13 @@ def test_registry_maps_names_to_the_sharegptvideo_test_folder(tmp_path):
     test_sets.load_test_set("tgif", None)
   with pytest.raises(FileNotFoundError, match="msvd, msrvtt"):
     test_sets.load_test_set(str(tmp_path / "nope.jsonl"))
+
+
+def test_captions_are_needed_only_by_a_judge_that_reads_them(tmp_path, caplog):
+  without = {k: v for k, v in _row(3).items() if k != "caption"}
+  path = _write(tmp_path / "official.jsonl", [json.dumps(without)])
+  test_set = test_sets.load_test_set(str(path), with_caption=False)
+  assert [(r.id, r.caption) for r in test_set.records] == [("v3_0", "")]
+  with caplog.at_level(logging.WARNING):
+    assert test_sets.load_test_set(str(path)).skipped == 1
+  assert f"{path}:1: missing_field: caption" in caplog.text

@@ -9,12 +9,15 @@ import subprocess
 import sys
 import time
 
+from absl import flags
+from ml_collections import config_flags
 import pytest
 
 from isr_dpo_jax import evaluate
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COLORS = ("red", "green", "blue")
 N = 12  # every (color, answer style) pair once
 
@@ -88,8 +91,8 @@ def test_judged_evaluation_writes_the_table(split, tmp_path):
       (statistics.fmean(words), statistics.median(words), p90))
 
   table = (workdir / "results.md").read_text()
-  assert (f"| synth | {N} | 0 | {row.accuracy * 100:.2f} | {row.score:.2f} | "
-          f"{N - len(scores)} | 0 | {row.words.mean:.1f} / "
+  assert (f"| synth | caption_grounded | {N} | 0 | {row.accuracy * 100:.2f} "
+          f"| {row.score:.2f} | {N - len(scores)} | 0 | {row.words.mean:.1f} / "
           f"{row.words.median:.1f} / {p90:.1f} | - |") in table
   (saved,) = [json.loads(line) for line in
               (workdir / "results.jsonl").read_text().splitlines()]
@@ -111,14 +114,39 @@ def test_a_record_without_its_video_is_named_skipped_and_never_judged(
   assert (row.n, row.skipped, row.scored + row.parse_failures) == (N - 1, 1,
                                                                   N - 1)
   others = {f"s{i}" for i in range(N)} - {"s5"}
-  for name in ("predictions", "judgments"):
+  for name in ("predictions", "judgments_caption_grounded"):
     assert {json.loads(line)["id"] for line in (
         workdir / "synth" / f"{name}.jsonl").open()} == others
-  assert f"| synth | {N - 1} | 1 | " in (workdir / "results.md").read_text()
+  assert f"| synth | caption_grounded | {N - 1} | 1 | " in (
+      workdir / "results.md").read_text()
   (error,) = [json.loads(line) for line in
               (workdir / "synth" / "errors.jsonl").read_text().splitlines()]
   assert (error["path"], error["line"], error["reason"]) == (
       str(split), 6, "bad_video")
+
+
+def test_a_local_judge_reads_the_protocols_system_message_first():
+  class EchoPolicy:  # completes a text with itself
+    def complete(self, texts, params):
+      assert params.temperature == 0.0
+      return list(texts)
+
+  judge = evaluate.local_judge(EchoPolicy(), max_new_tokens=8, system="Fair.")
+  assert judge(["Q1", "Q2"]) == ["Fair.\n\nQ1", "Fair.\n\nQ2"]
+  assert evaluate.local_judge(EchoPolicy(), max_new_tokens=8)(["Q1"]) == ["Q1"]
+
+
+def test_command_line_picks_the_protocol_and_the_test_sets():
+  argv = ["isr-dpo", f"--config={CONFIGS / 'video_llava_7b.py'}",
+          "--config.eval.protocol=video_chatgpt",
+          "--config.eval.test_sets=('msvd_official', 'tgif_official')"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values,
+                                  sys_argv=argv)
+  flag_values(argv)
+  assert flag_values.config.eval.protocol == "video_chatgpt"
+  assert list(flag_values.config.eval.test_sets) == ["msvd_official",
+                                                     "tgif_official"]
 
 
 def test_synthetic_world_split_scored_by_its_checker(tmp_path):
@@ -138,8 +166,8 @@ def test_synthetic_world_split_scored_by_its_checker(tmp_path):
   assert row.n == len(ids) > 0
   assert row.accuracy == pytest.approx(sum(right) / len(ids))
   assert (row.score, row.parse_failures, row.unjudged) == (None, 0, 0)
-  assert not (tmp_path / "eval" / "test_qa" / "judgments.jsonl").exists()
-  assert "| test_qa |" in (tmp_path / "eval" / "results.md").read_text()
+  assert not list((tmp_path / "eval" / "test_qa").glob("judgments*"))
+  assert "| test_qa | match |" in (tmp_path / "eval" / "results.md").read_text()
 
 
 class _Killed(Exception):
@@ -205,7 +233,7 @@ def test_resumed_run_after_kills_writes_the_same_table(split, tmp_path):
   with pytest.raises(_Killed):  # killed while judging, mid-write
     evaluate.evaluate(config, workdir, _dies_after(answer_fn, 9, answered),
                       judge=_dies_after(local_judge, 1, judged))
-  with (workdir / "synth" / "judgments.jsonl").open("a") as f:
+  with (workdir / "synth" / "judgments_caption_grounded.jsonl").open("a") as f:
     f.write('{"id": "s4", "re')
   rows = evaluate.evaluate(config, workdir, _dies_after(answer_fn, 9, answered),
                            judge=_dies_after(local_judge, 9, judged))

@@ -50,7 +50,7 @@ def test_local_model_judge_scores_or_counts_every_answer_not_missing_videos(
     [row] = evaluate.evaluate_policy(policy, config, setup.test_sets,
                                      tmp_path / "eval", judge=judge)
   judgments = [json.loads(line) for line in next(
-      (tmp_path / "eval").glob("*/judgments.jsonl")).open()]
+      (tmp_path / "eval").glob("*/judgments_caption_grounded.jsonl")).open()]
   for line in without_video:
     assert (f"{setup.test_sets[0]}:{line}: bad_video: record "
             f"{test_records[line - 1]['id']}: ") in caplog.text

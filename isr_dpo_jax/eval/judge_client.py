@@ -26,8 +26,9 @@ import openai
 
 from isr_dpo_jax.data import records
 
-# Replies, one per prompt; None where no reply could be had (counted, retried
-# on the next run).
+# Replies, one per prompt (the user message of a judge protocol; the judge
+# adds the protocol's system message, if any); None where no reply could be
+# had (counted, retried on the next run).
 Judge = Callable[[Sequence[str]], list[str | None]]
 
 # Configuration errors: every request would fail the same way, so stop.
@@ -73,9 +74,10 @@ class OpenAIJudge:
   """A `Judge` over an OpenAI-compatible chat-completions endpoint.
 
   base_url and api_key fall back to OPENAI_BASE_URL and OPENAI_API_KEY (the
-  client's own defaults). Replies are cached in `cache_path` (jsonl) keyed by
-  `cache_key`; `stats` counts requests, retries, cache hits and errors. Close
-  it (or use it in a `with` block) to sync the cache to disk.
+  client's own defaults). Each prompt is the user message, after `system` as
+  the system message when given. Replies are cached in `cache_path` (jsonl)
+  keyed by `cache_key`; `stats` counts requests, retries, cache hits and
+  errors. Close it (or use it in a `with` block) to sync the cache to disk.
   """
 
   def __init__(self, *, model: str, base_url: str | None = None,
@@ -83,12 +85,14 @@ class OpenAIJudge:
                cache_path: str | os.PathLike[str] | None = None,
                concurrency: int = 8, max_retries: int = 6,
                timeout_s: float = 60.0, backoff_s: float = 1.0,
-               max_backoff_s: float = 60.0, temperature: float = 0.0):
+               max_backoff_s: float = 60.0, temperature: float = 0.0,
+               system: str | None = None):
     # Retries are ours (max_retries=0 here) so that they are counted.
     self._client = openai.OpenAI(base_url=base_url, api_key=api_key,
                                  timeout=timeout_s, max_retries=0)
     self.model = model
     self.temperature = temperature
+    self.system = system
     self.concurrency = concurrency
     self.max_retries = max_retries
     self.backoff_s = backoff_s
@@ -139,8 +143,9 @@ class OpenAIJudge:
     return [None if isinstance(r, _NoReply) else r for r in replies]
 
   def _chat_request(self, prompt: str) -> dict:
+    system = [{"role": "system", "content": self.system}] if self.system else []
     return dict(model=self.model, temperature=self.temperature,
-                messages=[{"role": "user", "content": prompt}])
+                messages=system + [{"role": "user", "content": prompt}])
 
   def _check_reachable(self) -> None:
     """Raises JudgeUnreachable unless the endpoint answers a GET of /models.

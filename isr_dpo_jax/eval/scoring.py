@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from isr_dpo_jax.eval import judge_prompt
+from isr_dpo_jax.eval import protocols
 from isr_dpo_jax.eval import test_sets
 
 # (prediction, ground-truth answer) -> whether the free-text prediction gives
@@ -16,23 +16,26 @@ Checker = Callable[[str, str], bool]
 
 @dataclasses.dataclass(frozen=True)
 class ScoreSummary:
-  """Accuracy and mean score over the scored samples only."""
-  accuracy: float | None  # share with score >= 3, or accepted by a checker
+  """Accuracy and mean score over the parsed judge replies only."""
+  accuracy: float | None  # share judged correct, or accepted by a checker
   mean_score: float | None  # None without a judge
   parsed: int
   parse_failures: int
 
 
-def summarize_scores(scores: Sequence[float | None]) -> ScoreSummary:
-  """Aggregates parsed scores; None entries are parse failures, never a 1."""
-  parsed = np.array([s for s in scores if s is not None], dtype=np.float64)
-  if not parsed.size:
-    return ScoreSummary(None, None, 0, len(scores))
+def summarize_verdicts(verdicts: Sequence[protocols.Verdict]) -> ScoreSummary:
+  """Accuracy over the verdicts given, mean over the scores given.
+
+  A reply without a verdict or without a score is a parse failure, counted
+  beside the results, never a "no" or a 1.
+  """
+  correct = [v.correct for v in verdicts if v.correct is not None]
+  scores = [v.score for v in verdicts if v.score is not None]
+  failures = sum(v.correct is None or v.score is None for v in verdicts)
   return ScoreSummary(
-      accuracy=float(np.mean(parsed >= judge_prompt.PASSING_SCORE)),
-      mean_score=float(np.mean(parsed)),
-      parsed=parsed.size,
-      parse_failures=len(scores) - parsed.size)
+      accuracy=float(np.mean(correct)) if correct else None,
+      mean_score=float(np.mean(scores)) if scores else None,
+      parsed=len(verdicts) - failures, parse_failures=failures)
 
 
 _ARTICLES_RE = re.compile(r"\b(a|an|the)\b")

@@ -12,6 +12,7 @@ from isr_dpo_jax.eval import scoring
 class ResultRow:
   """Scores and answer lengths of one test set."""
   test_set: str
+  protocol: str  # the judge protocol (eval.protocols), or "match"
   n: int  # records answered: judged or checked
   skipped: int  # never answered: bad test lines, repeated ids, bad videos
   accuracy: float | None  # share in [0, 1], over scored samples
@@ -23,8 +24,9 @@ class ResultRow:
   tokens: scoring.LengthStats | None = None
 
 
-_COLUMNS = ("Test set", "n", "Skipped", "Acc. (%)", "Score", "Parse fail.",
-            "Unjudged", "Words mean / med / p90", "Tokens mean / med / p90")
+_COLUMNS = ("Test set", "Protocol", "n", "Skipped", "Acc. (%)", "Score",
+            "Parse fail.", "Unjudged", "Words mean / med / p90",
+            "Tokens mean / med / p90")
 
 
 def _number(value: float | None, scale: float = 1.0) -> str:
@@ -41,7 +43,7 @@ def to_markdown(rows: Sequence[ResultRow]) -> str:
   lines = ["| " + " | ".join(_COLUMNS) + " |",
            "|" + "|".join("---" for _ in _COLUMNS) + "|"]
   for row in rows:
-    cells = (row.test_set, str(row.n), str(row.skipped),
+    cells = (row.test_set, row.protocol, str(row.n), str(row.skipped),
              _number(row.accuracy, 100), _number(row.score),
              str(row.parse_failures), str(row.unjudged),
              _lengths(row.words), _lengths(row.tokens))

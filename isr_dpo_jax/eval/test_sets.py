@@ -6,7 +6,10 @@ A test file is jsonl, one question per line:
       {"from": "gpt", "value": "{answer}"}]}
 as published in huggingface.co/datasets/ShareGPTVideo/test_video_and_instruction
 under video_instruction/test/ (LLaVA-Hound-DPO's setup/set_path.sh calls that
-folder TEST_DATA_DIR; its test pipelines read `{name}.qa.jsonl` from it).
+folder TEST_DATA_DIR; its test pipelines read `{name}.qa.jsonl` from it, and
+its published MSVD/MSRVTT/TGIF table the 5k-question subsets
+`{name}.qa.official.jsonl`, registered here as `{name}_official`). The caption
+is needed only by a judge that reads it (eval.protocols).
 """
 import dataclasses
 import logging
@@ -20,7 +23,10 @@ VIDEO_PLACEHOLDER = "<video>"
 # The registry: short name -> file in the test folder.
 IN_DOMAIN = ("actnet", "vidal", "webvid")
 OUT_DOMAIN = ("msvd", "msrvtt", "tgif", "ssv2")
+OFFICIAL = ("msvd_official", "msrvtt_official", "tgif_official")
 TEST_SET_FILES = {name: f"{name}.qa.jsonl" for name in IN_DOMAIN + OUT_DOMAIN}
+TEST_SET_FILES |= {name: f"{name.removesuffix('_official')}.qa.official.jsonl"
+                   for name in OFFICIAL}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +36,7 @@ class QARecord:
   video: str
   question: str
   answer: str
-  caption: str
+  caption: str  # "" where the test file has none
   line: int  # in the test file, for file:line in messages
 
 
@@ -65,16 +71,19 @@ def resolve_test_set(name_or_path: str,
 
 def load_test_set(name_or_path: str,
                   root: str | os.PathLike[str] | None = None,
-                  max_error_rate: float | None = None) -> TestSet:
+                  max_error_rate: float | None = None, *,
+                  with_caption: bool = True) -> TestSet:
   """Reads a test set; bad records and repeated ids are skipped and counted.
 
-  Each skipped line is logged as file:line with the reason (records.ReadReport).
+  Each skipped line is logged as file:line with the reason (records.ReadReport);
+  without a caption, a record is bad only `with_caption`.
   Raises records.TooManyBadRecords above `max_error_rate` bad records.
   """
   name, path = resolve_test_set(name_or_path, root)
   report = records_lib.ReadReport()
   by_id = {}
-  for line, row in records_lib.iter_jsonl(path, "test_qa", report):
+  kind = "test_qa" if with_caption else "qa"
+  for line, row in records_lib.iter_jsonl(path, kind, report):
     if (first := by_id.get(row["id"])) is not None:
       report.skip(path, line, records_lib.BadRecord(
           "repeated_id", f"{row['id']!r}, first on line {first.line}"))
@@ -92,4 +101,4 @@ def to_qa_record(row: records_lib.Record, line: int) -> QARecord:
   question, answer = records_lib.conversation_turns(row["conversations"])[0]
   return QARecord(id=row["id"], video=row["video"],
                   question=question.replace(VIDEO_PLACEHOLDER, "").strip(),
-                  answer=answer, caption=row["caption"], line=line)
+                  answer=answer, caption=row.get("caption", ""), line=line)
