@@ -80,7 +80,7 @@ def main(config: config_dict.ConfigDict, workdir: str) -> None:
   """Evaluates the config's policy: its pi_0, or the params in eval.params_dir.
 
   Exits non-zero, with one line, when the judge endpoint takes no connection
-  (before any judging) or when records are left unjudged (after the table).
+  (before any answering) or when records are left unjudged (after the table).
   """
   logging.getLogger().setLevel(logging.INFO)
   workdir = Path(workdir)
@@ -176,7 +176,8 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
   """Evaluates every test set of `config`, then writes the results table.
 
   With config.scoring == "judge", `judge` (a local model, say) replaces the
-  endpoint judge of config.judge, and is given the user messages of
+  endpoint judge of config.judge (which must take connections before any
+  answering starts: judge_client.JudgeUnreachable), and is given the user messages of
   config.protocol (its system message is the judge's to add); with "match",
   `checker` scores answers.
   """
@@ -188,6 +189,7 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
       judge = None
     elif judge is None:
       judge = stack.enter_context(openai_judge(config, workdir))
+      judge.check_reachable()  # before hours of answering, not after
     rows = []
     for name in config.test_sets:
       test_set = test_sets.load_test_set(

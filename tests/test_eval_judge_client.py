@@ -290,7 +290,7 @@ def test_eval_exits_non_zero_on_a_closed_endpoint_and_on_unjudged_records(
                            model="judge-test", max_retries=0)
   with pytest.raises(SystemExit, match=re.escape(closed_url)):
     evaluate.main(config, str(tmp_path))
-  assert not server.attempts
+  assert not list(tmp_path.glob("*/predictions.jsonl"))  # nothing answered
 
   config.eval.judge.base_url = server.url  # answers every prompt with a 500
   with pytest.raises(SystemExit) as exit_:

@@ -132,7 +132,7 @@ class OpenAIJudge:
     requests = [self._chat_request(p) for p in prompts]
     if not self._reachable and any(cache_key(r) not in self._cached
                                    for r in requests):
-      self._check_reachable()
+      self.check_reachable()
     with concurrent.futures.ThreadPoolExecutor(self.concurrency) as pool:
       replies = list(pool.map(self._reply, requests))
     causes = collections.Counter(r.cause for r in replies
@@ -147,11 +147,12 @@ class OpenAIJudge:
     return dict(model=self.model, temperature=self.temperature,
                 messages=system + [{"role": "user", "content": prompt}])
 
-  def _check_reachable(self) -> None:
+  def check_reachable(self) -> None:
     """Raises JudgeUnreachable unless the endpoint answers a GET of /models.
 
     OpenAI, vLLM and SGLang serve /models; any HTTP answer, an error status
-    included, shows that the endpoint is there.
+    included, shows that the endpoint is there. Called before the first
+    request that the cache cannot answer, or earlier by the caller.
     """
     try:
       self._client.models.list()
