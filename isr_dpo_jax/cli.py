@@ -1,16 +1,29 @@
 """The `isr-dpo` command: `isr-dpo <command> --config=<file.py> --workdir=<dir>`.
 
 Every command takes an ml_collections config file and overrides of any of its
-fields (`--config.dpo.beta=0.2`), as big_vision's trainers do.
+fields (`--config.dpo.beta=0.2`), as big_vision's trainers do. The config is
+checked whole (settings.validate) before the command's module is imported, so
+a bad value stops the run before any work. A user error (errors.UserError: a bad flag or
+config value, a missing file, too many bad records, a checkpoint that does not
+restore) ends as one line on stderr and exit status 2; `--verbose` or
+ISR_DPO_VERBOSE=1 shows its traceback.
 """
+import dataclasses
+import difflib
 import importlib
+import importlib.util
+import os
+import re
 import sys
+import traceback
 
 from absl import app
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
-from isr_dpo_jax import distributed
+from isr_dpo_jax import errors
+from isr_dpo_jax import settings
 
 # command -> (module, what it does); each module has `main(config, workdir)`.
 COMMANDS = {
@@ -20,14 +33,22 @@ COMMANDS = {
     "demo": ("isr_dpo_jax.demo", "the built-in synthetic-world experiment"),
 }
 DEFAULT_CONFIGS = {"demo": "configs/demo.py"}
+# Errors that the user fixes: one line, exit status 2. A missing file's
+# message names the file.
+USER_ERRORS = (errors.UserError, FileNotFoundError)
+_OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)")
+_HELP = ("-h", "--help", "--helpshort", "--helpfull")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "experiment config (.py)")
-_WORKDIR = flags.DEFINE_string("workdir", None, "where the run writes everything")
-# Multi-process jobs; without these, distributed.initialize reads the
-# environment (launch/local.sh, Slurm, Open MPI, a TPU VM).
-_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the job")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
+
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+  """What the command line asks for, its config checked."""
+  command: str
+  config: ml_collections.ConfigDict
+  workdir: str
+  coordinator: str | None = None
+  num_processes: int | None = None
+  process_id: int | None = None
 
 
 def _usage() -> str:
@@ -36,23 +57,124 @@ def _usage() -> str:
   return "\n".join(lines)
 
 
-def main(argv=None):
-  argv = sys.argv if argv is None else argv
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    raise SystemExit(_usage())
+def _flags(command: str) -> flags.FlagValues:
+  """The command's own flags, in a FlagValues of their own."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("config", DEFAULT_CONFIGS.get(command),
+                      "experiment config (.py)", flag_values=fv)
+  flags.DEFINE_string("workdir", None, "where the run writes everything",
+                      flag_values=fv)
+  # Multi-process jobs; without these, distributed.initialize reads the
+  # environment (launch/local.sh, Slurm, Open MPI, a TPU VM).
+  flags.DEFINE_string("coordinator", None, "host:port of process 0", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes in the job", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
+  flags.DEFINE_bool("verbose", False, "tracebacks for user errors too "
+                    "(or ISR_DPO_VERBOSE=1)", flag_values=fv)
+  return fv
+
+
+def parse(argv: list[str]) -> Invocation:
+  """The command, its flags and its checked config; a UserError if one is wrong."""
+  if len(argv) < 2:
+    print(_usage(), file=sys.stderr)
+    sys.exit(2)
+  if argv[1] in _HELP:
+    print(_usage())
+    sys.exit(0)
   command = argv[1]
-  module = importlib.import_module(COMMANDS[command][0])
-  rest = argv[2:]
-  if command in DEFAULT_CONFIGS and not any(a.startswith("--config=") for a in rest):
-    rest = [f"--config={DEFAULT_CONFIGS[command]}"] + rest
+  if command not in COMMANDS:
+    nearest = difflib.get_close_matches(command, COMMANDS, n=1)
+    hint = f"; did you mean {nearest[0]}?" if nearest else ""
+    raise errors.UserError(f"no command {command!r}{hint} "
+                           f"(commands: {', '.join(COMMANDS)})")
+  fv = _flags(command)
+  if any(arg in _HELP for arg in argv[2:]):
+    print(_usage() + "\n\n" + fv.get_help(include_special_flags=False))
+    sys.exit(0)
+  overrides = [arg for arg in argv[2:] if _OVERRIDE.match(arg)]
+  rest = [arg for arg in argv[2:] if not _OVERRIDE.match(arg)]
+  try:
+    absl_args = fv([argv[0]] + rest, known_only=True)
+    flags.FLAGS(absl_args)  # what remains must be absl's (--verbosity, ...)
+  except flags.UnrecognizedFlagError as e:
+    nearest = difflib.get_close_matches(e.flagname, list(fv), n=1)
+    hint = f"; did you mean --{nearest[0]}?" if nearest else ""
+    raise errors.UserError(f"--{e.flagname}: no such flag{hint}") from e
+  except flags.Error as e:
+    raise errors.UserError(str(e)) from e
+  if fv.config is None or fv.workdir is None:
+    raise errors.UserError(f"--config and --workdir are required: isr-dpo "
+                           f"{command} --config=<file.py> --workdir=<dir>")
+  config = _with_overrides(load_config(fv.config), overrides, argv[0])
+  settings.validate(config, command)
+  return Invocation(command, config, fv.workdir, fv.coordinator,
+                    fv.num_processes, fv.process_id)
 
-  def run(_):
-    if _CONFIG.value is None or _WORKDIR.value is None:
-      raise app.UsageError("--config and --workdir are required\n" + _usage())
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    module.main(_CONFIG.value, _WORKDIR.value)
 
-  app.run(run, argv=[f"isr-dpo {command}"] + rest)
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file ("file.py" or "file.py:argument")."""
+  path, _, argument = spec.partition(":")
+  if not os.path.isfile(path):
+    raise settings.ConfigError(f"--config={spec}: no such config file")
+  module_spec = importlib.util.spec_from_file_location("config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+    return module.get_config(*([argument] if argument else []))
+  except Exception as e:  # the config file's own error, however it fails
+    raise settings.ConfigError(
+        f"{path}:{_line_in(path, e)}: {type(e).__name__}: {e}") from e
+
+
+def _line_in(path: str, error: Exception) -> int | str:
+  """The line of `path` where `error` was raised (or a SyntaxError found)."""
+  if isinstance(error, SyntaxError) and error.filename == path:
+    return error.lineno
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(f.filename) == os.path.abspath(path)]
+  return lines[-1] if lines else "?"
+
+
+def _with_overrides(config: ml_collections.ConfigDict, overrides: list[str],
+                    program: str) -> ml_collections.ConfigDict:
+  """`config` with `--config.a.b=value` overrides applied (and locked)."""
+  known = set(settings.keys(config))
+  for arg in overrides:
+    key = _OVERRIDE.match(arg)[2]
+    if key not in known:
+      raise settings.unknown_key(config, key)
+  fv = flags.FlagValues()
+  try:
+    holder = config_flags.DEFINE_config_dict(
+        "config", config, flag_values=fv, sys_argv=[program] + overrides)
+    fv([program] + overrides)
+  except flags.Error as e:
+    raise settings.ConfigError(str(e)) from e
+  return holder.value
+
+
+def _run(invocation: Invocation) -> None:
+  # jax comes in here, once the config is known to be good.
+  from isr_dpo_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(invocation.coordinator, invocation.num_processes,
+                         invocation.process_id)
+  module = importlib.import_module(COMMANDS[invocation.command][0])
+  module.main(invocation.config, invocation.workdir)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  verbose = "--verbose" in argv or os.environ.get("ISR_DPO_VERBOSE") == "1"
+  try:
+    app.run(_run, argv=argv, flags_parser=parse)
+  except USER_ERRORS as error:
+    if verbose:
+      raise
+    program = " ".join(["isr-dpo"] + [a for a in argv[1:2] if a in COMMANDS])
+    message = " ".join(str(error).split())  # one line, whatever it holds
+    print(f"{program}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

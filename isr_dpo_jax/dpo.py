@@ -15,14 +15,14 @@ batch; it stays finite on the dummy pairs that fill a short last batch
 (`data/batching.py`, all tokens masked). `dpo_objective` averages over the
 real pairs: those whose chosen response has tokens.
 """
-import typing
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
 
-LossType = Literal["sigmoid", "ipo", "hinge"]
-LOSS_TYPES = typing.get_args(LossType)
+from isr_dpo_jax.settings import LOSS_TYPES
+
+LossType = Literal[LOSS_TYPES]
 
 
 def response_logps(logits_BxTxV, targets_BxT, mask_BxT):

@@ -57,6 +57,7 @@ from isr_dpo_jax import lora as lora_lib
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import packing
 from isr_dpo_jax import parallel
+from isr_dpo_jax import settings
 from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import video
 
@@ -83,7 +84,7 @@ class TrainConfig:
   `frozen` is not used.
   """
   learning_rate: float = 5e-7
-  schedule: Literal["linear", "cosine"] = "linear"
+  schedule: Literal[settings.SCHEDULES] = "linear"
   warmup_ratio: float = 0.1
   weight_decay: float = 0.0
   adam_b1: float = 0.9

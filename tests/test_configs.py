@@ -1,4 +1,7 @@
-"""Every config builds; the 7B one abstractly (mesh, shapes, shardings, no weights)."""
+"""Every config builds and validates; the 7B one abstractly (mesh, shapes,
+shardings, no weights); settings.validate rejects what cannot work."""
+import subprocess
+import sys
 
 from flax import nnx
 import jax
@@ -10,15 +13,75 @@ import conftest
 from isr_dpo_jax import iterate
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
+from isr_dpo_jax import settings
 from isr_dpo_jax import train
+
+# The commands each config is for (the 7B one needs its files: below).
+COMMANDS = {"smoke": ("iterate", "sft", "eval"), "demo": ("demo", "iterate")}
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in conftest.CONFIGS.glob("*.py")))
 def test_config_loads_and_trains_with_a_valid_recipe(name):
   config = conftest.load_config(name)
   train_config = iterate.train_config(config)
-  assert train_config.loss_type in ("sigmoid", "ipo", "hinge")
+  assert train_config.loss_type in settings.LOSS_TYPES
   assert config.sampling.batch_size % 8 == 0  # divides the CPU test mesh
+  for command in COMMANDS.get(name, ()):
+    settings.validate(config, command)
+
+
+def test_video_llava_7b_validates_where_its_files_are(tmp_path, monkeypatch):
+  config = conftest.load_config("video_llava_7b")
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(settings.ConfigError,
+                     match="model.checkpoint='checkpoints/LLaVA-Hound-SFT': no such"):
+    settings.validate(config, "iterate")
+  for path in (config.model.checkpoint, config.data.video_root):
+    (tmp_path / path).mkdir(parents=True)
+  (tmp_path / config.data.prompts).parent.mkdir(parents=True)
+  (tmp_path / config.data.prompts).touch()
+  with pytest.raises(settings.ConfigError, match="eval.test_sets: .*msvd"):
+    settings.validate(config, "iterate")
+  (tmp_path / config.eval.test_root).mkdir(parents=True)
+  for name in config.eval.test_sets:
+    (tmp_path / config.eval.test_root / f"{name}.qa.jsonl").touch()
+  settings.validate(config, "iterate")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dpo.loss_type": "ipo", "dpo.label_smoothing": 0.1},
+     "label_smoothing=0.1: label smoothing .* with dpo.loss_type='sigmoid' only"),
+    ({"sampling.answer.top_p": 0.0}, r"sampling.answer.top_p=0.0: must be a number in \(0, 1\]"),
+    ({"sampling.buckets": (128, 64)}, "sampling.buckets=.*: must be increasing"),
+    ({"train.remat": "nothing_savable"}, "did you mean 'nothing_saveable'"),
+    ({"train.frozen": ("video_tower/(",)}, "train.frozen=.*regular expressions"),
+    ({"train.lora.rank": 8, "train.lora.targets": ()}, "LoRA would train nothing"),
+    ({"mesh": {"data": -1, "fsdp": -1, "tensor": 1}}, "with at most one -1"),
+    ({"data.template": "vicuna_v2"}, "data.template='vicuna_v2': must be a registered"),
+    ({"eval.scoring": "exact"}, "eval.scoring='exact': must be one of judge, match"),
+])
+def test_validate_rejects_what_cannot_work(overrides, message):
+  config = conftest.load_config("smoke")
+  config.unlock()
+  for key, value in overrides.items():
+    if key == "mesh":
+      config.mesh = value
+    else:
+      config.update_from_flattened_dict({key: value})
+  with pytest.raises(settings.ConfigError, match=message):
+    settings.validate(config, "iterate")
+
+
+def test_remat_policies_are_jax_policies():
+  for name in settings.REMAT_POLICIES:
+    assert callable(getattr(jax.checkpoint_policies, name)), name
+
+
+def test_settings_import_no_jax():
+  """The command line checks a config before jax is imported."""
+  code = ("import sys; import isr_dpo_jax.settings; "
+          "assert 'jax' not in sys.modules, sorted(sys.modules)")
+  subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_video_llava_7b_builds_its_mesh_shapes_and_shardings_abstractly():

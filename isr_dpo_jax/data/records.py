@@ -33,6 +33,8 @@ from pathlib import Path
 import secrets
 from typing import Any
 
+from isr_dpo_jax import errors
+
 Record = dict[str, Any]
 
 REQUIRED_FIELDS = {
@@ -54,7 +56,7 @@ class BadRecord(ValueError):
     self.detail = detail
 
 
-class TooManyBadRecords(RuntimeError):
+class TooManyBadRecords(errors.UserError):
   """The share of bad records passed the allowed maximum."""
 
 

@@ -1,0 +1,85 @@
+"""The `isr-dpo` command line: user errors are one line and exit status 2,
+found before any work."""
+import sys
+import types
+
+import pytest
+
+import conftest
+from isr_dpo_jax import cli
+from isr_dpo_jax import settings
+from isr_dpo_jax.data import records
+
+SMOKE = str(conftest.CONFIGS / "smoke.py")
+
+
+def _fails(argv, capsys) -> str:
+  """The one stderr line of a command that must exit with status 2."""
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["isr-dpo", *argv])
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "Traceback" not in err, err
+  return err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.judge.mode=bogus", "judge.mode='bogus': must be one of likelihood, generative"),
+    ("--config.dpo.loss_type=sigmod", "did you mean 'sigmoid'?"),
+    ("--config.dpo.betta=0.2", "dpo.betta: no such config key; did you mean dpo.beta?"),
+    ("--config.dpo.beta=abc", "--config.dpo.beta=abc"),
+    ("--config.dpo.beta=-1", "dpo.beta=-1.0: must be a number > 0"),
+    ("--config.train.grad_accum_steps=3", "does not divide train.batch_size=8"),
+    ("--config.data.prompts=/no/such/prompts.jsonl", "data.prompts='/no/such/prompts.jsonl'"),
+    ("--workdirr=x", "--workdirr: no such flag; did you mean --workdir?"),
+])
+def test_a_bad_value_is_one_line_before_any_work(override, message, tmp_path, capsys):
+  err = _fails(["iterate", f"--config={SMOKE}", f"--workdir={tmp_path / 'w'}",
+                override], capsys)
+  assert err.startswith("isr-dpo iterate: error: ") and message in err
+  assert not (tmp_path / "w").exists()  # nothing started
+
+
+def test_a_config_file_that_does_not_exist(tmp_path, capsys):
+  err = _fails(["sft", f"--config={tmp_path / 'nope.py'}", f"--workdir={tmp_path}"],
+               capsys)
+  assert f"--config={tmp_path / 'nope.py'}: no such config file" in err
+
+
+def test_a_config_file_that_fails_names_its_line(tmp_path, capsys):
+  path = tmp_path / "broken.py"
+  path.write_text("def get_config():\n  return undefined_name\n")
+  err = _fails(["sft", f"--config={path}", f"--workdir={tmp_path}"], capsys)
+  assert f"{path}:2: NameError:" in err
+
+
+def test_an_unknown_command(capsys):
+  assert "did you mean iterate?" in _fails(["iterat"], capsys)
+
+
+def test_verbose_shows_the_traceback(tmp_path, monkeypatch):
+  monkeypatch.setenv("ISR_DPO_VERBOSE", "1")
+  with pytest.raises(settings.ConfigError, match="did you mean dpo.beta"):
+    cli.main(["isr-dpo", "iterate", f"--config={SMOKE}", f"--workdir={tmp_path}",
+              "--config.dpo.betta=0.2"])
+
+
+@pytest.mark.parametrize("error", [
+    records.TooManyBadRecords("prompts.jsonl: 3 of 4 records are bad"),
+    FileNotFoundError("checkpoints/pi_0: no config.json"),
+])
+def test_a_user_error_at_run_time_is_one_line(error, tmp_path, monkeypatch, capsys):
+  def main(config, workdir):
+    raise error
+
+  monkeypatch.setitem(sys.modules, "failing_command", types.SimpleNamespace(main=main))
+  monkeypatch.setitem(cli.COMMANDS, "iterate", ("failing_command", "fails"))
+  err = _fails(["iterate", f"--config={SMOKE}", f"--workdir={tmp_path}"], capsys)
+  assert str(error) in err
+
+
+def test_help_lists_the_flags(capsys):
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["isr-dpo", "iterate", "--help"])
+  assert exit_.value.code == 0
+  assert "--workdir" in capsys.readouterr().out
