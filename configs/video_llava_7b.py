@@ -21,6 +21,9 @@ def get_config():
   config.mesh = dict(data=-1, fsdp=8, tensor=1)
   config.model.checkpoint = "checkpoints/LLaVA-Hound-SFT"
   config.model.dtype = "bfloat16"
+  # Prompt and response tokens, the 2,056 video tokens (8 frames x 257) among
+  # them: 2048 tokens of text besides.
+  config.data.max_length = 2056 + 2048
   config.data.prompts = "data/video_instruction/train/qa/chatgpt_qa_900k.jsonl"
   config.data.video_root = "data/video_frames"
   config.data.prompts_per_iteration = 17_000

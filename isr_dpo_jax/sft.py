@@ -51,10 +51,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
                                   vision.image_size, config.data.max_error_rate)
   cfg = config.sft
   num_steps = math.ceil(cfg.epochs * len(source) / cfg.batch_size)
-  trainer = train.Trainer(model, train.TrainConfig(
-      learning_rate=cfg.learning_rate, schedule=cfg.schedule,
-      warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-      frozen=tuple(cfg.frozen), remat=config.train.remat), mesh, total_steps=num_steps)
+  trainer = train.Trainer(model, train_config(config), mesh, total_steps=num_steps)
   batches = iter(loader_lib.Loader(source, "sft", encoder, cfg.batch_size,
                                    seed=config.seed, num_epochs=None,
                                    buckets=config.sampling.buckets))
@@ -71,3 +68,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
   models.save_pretrained(model, out, tokenizer=tokenizer)
   logging.info("sft: %d steps on %d records -> %s", num_steps, len(source), out)
   return out
+
+
+def train_config(config) -> train.TrainConfig:
+  """The SFT update's recipe: config.sft, with the run's remat."""
+  cfg = config.sft
+  return train.TrainConfig(
+      learning_rate=cfg.learning_rate, schedule=cfg.schedule,
+      warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+      frozen=tuple(cfg.frozen), remat=config.train.remat)

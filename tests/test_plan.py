@@ -1,0 +1,181 @@
+"""`isr-dpo plan`: a tiny run compiled for a small TPU slice on this CPU host.
+
+The plan's numbers must be XLA's own analysis of the programs the run
+executes: the DPO update is compiled here again from a Trainer built as
+`isr-dpo iterate` builds it, and its memory and cost must equal the plan's
+row. Compiling for a TPU topology needs libtpu (in the test extra on Linux
+x86_64, its only wheels); elsewhere those tests skip and say so.
+"""
+import importlib.util
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import conftest
+from isr_dpo_jax import iterate
+from isr_dpo_jax import plan
+from isr_dpo_jax import train
+from isr_dpo_jax.data import batching
+
+TOPOLOGY = "v5e:2x2"  # 4 chips, one host
+PROGRAMS = ["answers prefill", "answers decode", "contexts prefill",
+            "contexts decode", "judge score", "train video features",
+            "reference log-probs", "dpo update", "sft video features",
+            "sft update"]
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'isr_dpo_jax[tpu]'; it has "
+           "wheels for Linux x86_64 only)")
+
+
+def tiny_config():
+  """The smoke run; prompts of at most 64 text tokens keep its programs small
+  (136 video tokens + 64 + the 8 that a response keeps)."""
+  return conftest.load_config("smoke", **{"data.max_length": 136 + 64 + 8})
+
+
+@pytest.fixture(scope="module")
+def tiny_plan(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("plan_cache")
+  config = tiny_config()
+  where, rows = plan.plan(config, TOPOLOGY, cache=cache)
+  return config, where, rows, cache
+
+
+@needs_libtpu
+def test_every_program_of_the_run_compiles_for_the_slice(tiny_plan):
+  _, where, rows, _ = tiny_plan
+  assert [d.device_kind for d in where.devices] == ["TPU v5 lite"] * 4
+  assert where.chip == plan.CHIPS["v5e"]
+  assert [row.program.name for row in rows] == PROGRAMS
+  assert all(row.analysis is not None for row in rows), rows
+
+
+def _table_row(text: str, name: str) -> list[str]:
+  (line,) = [l for l in text.splitlines() if l.startswith(f"| {name} |")]
+  return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@needs_libtpu
+def test_dpo_update_row_is_xla_analysis_of_the_trainers_step(tiny_plan):
+  config, where, rows, _ = tiny_plan
+  mesh = plan.make_mesh(config, where)
+  model_cfg, _ = plan.model_config(config)
+  shapes = plan.run_shapes(config, model_cfg)
+  trainer = train.Trainer(plan.abstract_model(config, model_cfg),
+                          iterate.train_config(config), mesh, total_steps=2)
+  rows_of = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=trainer.batch_sharding)
+  b = config.train.batch_size
+  pairs = batching.PreferenceBatch(
+      rows_of(b, shapes.dpo_prompt), rows_of(b, shapes.dpo_prompt, dtype=bool),
+      *[rows_of(b, shapes.dpo_response, dtype=t) for t in (jnp.int32, bool)] * 2)
+  vision = model_cfg.vision
+  state = trainer.abstract_state()
+  frames = rows_of(b, vision.num_frames, vision.image_size, vision.image_size,
+                   3, dtype=jnp.uint8)
+  feats = trainer.encode_video.eval_shape(state.params, frames)
+  feats = rows_of(*feats.shape, dtype=feats.dtype)
+  reference = rows_of(b, dtype=jnp.float32)
+  compiled = trainer.dpo_step.lower(state, pairs, feats, reference,
+                                    reference).compile()
+  memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+
+  (row,) = [r for r in rows if r.program.name == "dpo update"]
+  got = row.analysis
+  assert got.arguments == memory.argument_size_in_bytes
+  assert got.temporaries == memory.temp_size_in_bytes
+  assert got.peak == (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                      - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+                      + memory.generated_code_size_in_bytes)
+  assert (got.flops, got.bytes_accessed) == (cost["flops"], cost["bytes accessed"])
+  cells = _table_row(plan.table(rows, where.chip), "dpo update")
+  arguments, temporaries, peak, hbm = map(float, cells[2:6])
+  assert arguments == pytest.approx(got.arguments / plan.GiB, rel=5e-3)
+  assert temporaries == pytest.approx(got.temporaries / plan.GiB, rel=5e-3)
+  assert peak == pytest.approx(got.peak / plan.GiB, rel=5e-3)
+  assert hbm == pytest.approx(16e9 / plan.GiB, rel=5e-3)
+  assert float(cells[7]) == pytest.approx(got.flops / 1e12, rel=5e-3)
+  assert float(cells[8]) == pytest.approx(got.bytes_accessed / 1e9, rel=5e-3)
+  chip = plan.CHIPS["v5e"]
+  assert float(cells[9]) == pytest.approx(
+      max(got.flops / chip.peak_flops, got.bytes_accessed / chip.hbm_bandwidth),
+      rel=5e-3)
+
+
+@needs_libtpu
+def test_a_second_plan_reads_every_program_from_the_cache(tiny_plan):
+  config, _, rows, cache = tiny_plan
+  log = []
+  _, again = plan.plan(config, TOPOLOGY, cache=cache, log=log.append)
+  assert [r.analysis for r in again] == [r.analysis for r in rows]
+  assert sum("from the plan cache" in line for line in log) == len(PROGRAMS)
+
+
+@needs_libtpu
+def test_the_report_estimates_an_iteration_from_the_rooflines(tiny_plan):
+  config, where, rows, _ = tiny_plan
+  text = plan.report(config, where, rows)
+  seconds = {r.program.name: r.analysis.seconds(where.chip) for r in rows}
+  total = re.search(r"rooflines: ([\d.]+) h", text)[1]
+  # 16 prompts, batches of 8 (sampling) and 8 pairs (training), 1 epoch.
+  want = (2 * (seconds["answers prefill"] + 12 * seconds["answers decode"])
+          + 2 * (seconds["contexts prefill"] + 16 * seconds["contexts decode"])
+          + 4 * seconds["judge score"]
+          + 2 * (seconds["train video features"] + seconds["reference log-probs"])
+          + 2 * (seconds["train video features"] + seconds["dpo update"]))
+  assert float(total) == pytest.approx(want / 3600, abs=0.006)
+  assert "Left out:" in text
+
+
+def test_the_7b_config_plans_the_longest_rows_its_loader_makes():
+  config = conftest.load_config("video_llava_7b")
+  shapes = plan.run_shapes(config, plan.model_config(config)[0])
+  # 2,056 video tokens and up to 2040 of text: the 2048 bucket.
+  assert shapes.prompt == shapes.dpo_prompt == 2056 + 2048
+  # An answer cut at max_new_tokens=256 gets its stop text when the pair is
+  # tokenised again: 257 tokens, the 512 bucket.
+  assert shapes.dpo_response == 512
+
+
+@pytest.mark.parametrize("topology, message", [
+    ("v5p-16", "unknown topology 'v5p-16': give <chip>:<shape>"),
+    ("v9:2x2", "unknown topology 'v9:2x2'"),
+])
+def test_an_unknown_topology_is_one_line(topology, message):
+  with pytest.raises(plan.PlanError, match=re.escape(message)) as error:
+    plan.plan(tiny_config(), topology)
+  assert "\n" not in str(error.value)
+
+
+def test_without_libtpu_the_error_names_the_extra(monkeypatch):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else find_spec(name, *a))
+  with pytest.raises(plan.PlanError, match=re.escape("pip install 'isr_dpo_jax[tpu]'")):
+    plan.plan(tiny_config(), TOPOLOGY)
+
+
+@needs_libtpu
+def test_a_mesh_larger_than_the_slice_is_one_line():
+  config = tiny_config()
+  config.mesh = dict(data=2, fsdp=4, tensor=1)
+  with pytest.raises(plan.PlanError, match=re.escape(
+      "config.mesh {'data': 2, 'fsdp': 4, 'tensor': 1} does not fit v5e:2x2 "
+      "(4 chips)")) as error:
+    plan.plan(config, TOPOLOGY)
+  assert "\n" not in str(error.value)
+
+
+def test_a_max_length_without_room_for_a_prompt_is_one_line():
+  config = tiny_config()
+  config.data.max_length = 136
+  with pytest.raises(plan.PlanError, match="data.max_length=136 leaves no room"):
+    plan.plan(config, None)
+
+
+def test_on_local_cpu_devices_there_is_no_chip_to_size_against():
+  where = plan.target(None)
+  assert len(where.devices) == 8 and where.chip is None
