@@ -1,13 +1,15 @@
 """The `isr-dpo` command: `isr-dpo <command> --config=<file.py> --workdir=<dir>`.
 
 Every command takes an ml_collections config file and overrides of any of its
-fields (`--config.dpo.beta=0.2`), as big_vision's trainers do. The config is
-checked whole (settings.validate) before the command's module is imported, so
-a bad value stops the run before any work. A user error (errors.UserError: a bad flag or
+fields (`--config.dpo.beta=0.2`; `--config.world=None` switches the synthetic
+world off), as big_vision's trainers do. The config is checked whole
+(settings.validate) before the command's module is imported, so a bad value
+stops the run before any work. A user error (errors.UserError: a bad flag or
 config value, a missing file, too many bad records, a checkpoint that does not
 restore) ends as one line on stderr and exit status 2; `--verbose` or
 ISR_DPO_VERBOSE=1 shows its traceback.
 """
+import ast
 import dataclasses
 import difflib
 import importlib
@@ -38,6 +40,30 @@ DEFAULT_CONFIGS = {"demo": "configs/demo.py"}
 USER_ERRORS = (errors.UserError, FileNotFoundError)
 _OVERRIDE = re.compile(r"^--?(no)?config\.([^=]+)")
 _HELP = ("-h", "--help", "--helpshort", "--helpfull")
+
+
+class _SubConfigParser(flags.ArgumentParser):
+  """A sub-config's override: a dict literal, or None to switch it off."""
+
+  def parse(self, argument):
+    if not isinstance(argument, str):  # the config's own value
+      return argument
+    try:
+      value = ast.literal_eval(argument)
+    except (SyntaxError, ValueError):
+      value = argument
+    if value is None:
+      return None
+    if isinstance(value, dict):
+      return ml_collections.ConfigDict(value)
+    raise ValueError(f"{argument!r} is neither None nor a dict")
+
+  def flag_type(self):
+    return "config dict or None"
+
+
+config_flags.register_flag_parser_for_type(ml_collections.ConfigDict,
+                                           _SubConfigParser())
 
 
 @dataclasses.dataclass(frozen=True)

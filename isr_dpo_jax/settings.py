@@ -218,7 +218,17 @@ def _check_consistency(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_inputs(config: ml_collections.ConfigDict, command: str) -> None:
-  """The paths `command` reads exist."""
+  """The paths `command` reads exist; the synthetic world is on or off whole."""
+  if config.world is not None:
+    if config.data.video_root:
+      raise ConfigError(
+          f"data.video_root={config.data.video_root!r} is set, but config.world "
+          "makes the synthetic world, which reads its own videos: add "
+          "--config.world=None to run on your own data (with model.checkpoint "
+          "and data.prompts), or leave data.video_root empty")
+  elif command == "demo":
+    raise ConfigError("world=None: the demo runs on the synthetic world; for "
+                      "your own data use `isr-dpo sft`, `iterate` and `eval`")
   own_data = config.world is None
   needed = {"model.checkpoint": own_data, "data.video_root": own_data,
             "data.prompts": own_data and command == "iterate",

@@ -1,5 +1,5 @@
 """The `isr-dpo` command line: user errors are one line and exit status 2,
-found before any work."""
+found before any work; the synthetic world switches off from the command line."""
 import sys
 import types
 
@@ -76,6 +76,33 @@ def test_a_user_error_at_run_time_is_one_line(error, tmp_path, monkeypatch, caps
   monkeypatch.setitem(cli.COMMANDS, "iterate", ("failing_command", "fails"))
   err = _fails(["iterate", f"--config={SMOKE}", f"--workdir={tmp_path}"], capsys)
   assert str(error) in err
+
+
+def test_a_video_root_beside_the_synthetic_world_says_what_to_do(tmp_path, capsys):
+  err = _fails(["iterate", f"--config={SMOKE}", f"--workdir={tmp_path}",
+                f"--config.data.video_root={tmp_path}"], capsys)
+  assert "config.world makes the synthetic world" in err
+  assert "--config.world=None" in err
+
+
+def test_the_world_switches_off_on_the_command_line(tmp_path, capsys):
+  for name in ("checkpoint", "videos"):
+    (tmp_path / name).mkdir()
+  (tmp_path / "prompts.jsonl").write_text("")
+  own_data = [f"--config.model.checkpoint={tmp_path / 'checkpoint'}",
+              f"--config.data.prompts={tmp_path / 'prompts.jsonl'}"]
+  invocation = cli.parse(["isr-dpo", "iterate", f"--config={SMOKE}",
+                          f"--workdir={tmp_path}", "--config.world=None",
+                          f"--config.data.video_root={tmp_path / 'videos'}",
+                          *own_data])
+  assert invocation.config.world is None
+  assert invocation.config.data.video_root == str(tmp_path / "videos")
+  # Without a world, the run's own inputs are required.
+  err = _fails(["iterate", f"--config={SMOKE}", f"--workdir={tmp_path}",
+                "--config.world=None", *own_data], capsys)
+  assert "data.video_root is empty" in err
+  err = _fails(["demo", f"--workdir={tmp_path}", "--config.world=None"], capsys)
+  assert "the demo runs on the synthetic world" in err
 
 
 def test_help_lists_the_flags(capsys):
