@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import peft
 import pytest
+import tolerance
 import torch
 import transformers
 from flax import nnx
@@ -207,8 +208,8 @@ def test_sft_step_matches_peft_with_adamw(setup):
     for got, want, old in zip((pair["lora_a"], pair["lora_b"]), expected[module],
                               before[module]):
       # Adam's first step moves each entry by about lr: compare the moves.
-      np.testing.assert_allclose(got - old, want - old, rtol=0,
-                                 atol=1e-3 * CONFIG.learning_rate, err_msg=str(module))
+      tolerance.assert_adam_weights_close({str(module): got - old}, [want - old],
+                                          learning_rate=CONFIG.learning_rate)
   got = _logits(setup, _adapted(setup, jax.device_get(state.params)))
   want = ref.logits(peft_model, setup["ids"], setup["mask"], setup["frames"])
   real = setup["mask"].astype(bool)
@@ -244,8 +245,7 @@ def test_dpo_update_trains_and_stores_only_the_adapters(setup):
 
   merged = jax.device_get(trainer.model_params(state))
   expected = lora.merge(before, jax.device_get(state.params), LORA.scale)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), merged,
-               expected)
+  tolerance.assert_trees_close(merged, expected)
 
 
 def test_sharded_lora_step_equals_single_device(setup):
@@ -266,9 +266,9 @@ def test_sharded_lora_step_equals_single_device(setup):
       _with_adapters(single, single.init_state(single_model), setup["adapters"]),
       batch, setup["frames"])
   np.testing.assert_allclose(metrics["loss"], expected["loss"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(
-      a, b, rtol=0, atol=1e-3 * CONFIG.learning_rate),
-               jax.device_get(state.params), jax.device_get(expected_state.params))
+  tolerance.assert_adam_weights_close(
+      jax.device_get(state.params), jax.device_get(expected_state.params),
+      learning_rate=CONFIG.learning_rate)
 
 
 def test_lora_iteration_end_to_end(tmp_path, load_config):

@@ -20,6 +20,7 @@ def test_two_processes_generate_what_one_does(tmp_path):
   import hf_reference as ref
   from test_distributed import _run_job
   from test_distributed import LOCAL_SH
+  import tolerance
 
   from isr_dpo_jax import models
 
@@ -39,8 +40,8 @@ def test_two_processes_generate_what_one_does(tmp_path):
     rows = slice(*(2 * got["prompt_rows"]))  # 2 samples per prompt
     assert rows == slice(4 * process, 4 * process + 4)
     for field in FIELDS:
-      np.testing.assert_allclose(got[field], getattr(want, field)[rows],
-                                 rtol=1e-5)
+      tolerance.assert_close(got[field], getattr(want, field)[rows],
+                             err_msg=field)
 
 
 def _worker(workdir):
