@@ -16,6 +16,7 @@ import ml_collections
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import checkpoint
+from isr_dpo_jax import lora
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
@@ -63,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
                       batches, num_steps=num_steps, checkpointer=ckpt, writer=writer,
                       desc="sft")
   params = nnx.state(model)
-  nnx.replace_by_pure_dict(params, state.params)
+  nnx.replace_by_pure_dict(params, trainer.model_params(state))  # LoRA: merged
   nnx.update(model, params)
   models.save_pretrained(model, out, tokenizer=tokenizer)
   logging.info("sft: %d steps on %d records -> %s", num_steps, len(source), out)
@@ -71,9 +72,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
 
 
 def train_config(config) -> train.TrainConfig:
-  """The SFT update's recipe: config.sft, with the run's remat."""
+  """The SFT update's recipe: config.sft, with the run's remat and LoRA."""
   cfg = config.sft
   return train.TrainConfig(
       learning_rate=cfg.learning_rate, schedule=cfg.schedule,
       warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-      frozen=tuple(cfg.frozen), remat=config.train.remat)
+      frozen=tuple(cfg.frozen), remat=config.train.remat,
+      lora=lora.Config.from_mapping(config.train.lora))
