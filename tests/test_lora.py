@@ -19,7 +19,7 @@ import torch
 import transformers
 from flax import nnx
 
-from isr_dpo_jax import iterate, lora, models, parallel, train
+from isr_dpo_jax import iterate, lora, models, parallel, sft, train
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax.data import batching
 
@@ -208,8 +208,9 @@ def test_sft_step_matches_peft_with_adamw(setup):
     for got, want, old in zip((pair["lora_a"], pair["lora_b"]), expected[module],
                               before[module]):
       # Adam's first step moves each entry by about lr: compare the moves.
-      tolerance.assert_adam_weights_close({str(module): got - old}, [want - old],
-                                          learning_rate=CONFIG.learning_rate)
+      tolerance.assert_adam_weights_close(
+          {str(module): got - old}, {str(module): want - old},
+          learning_rate=CONFIG.learning_rate)
   got = _logits(setup, _adapted(setup, jax.device_get(state.params)))
   want = ref.logits(peft_model, setup["ids"], setup["mask"], setup["frames"])
   real = setup["mask"].astype(bool)
@@ -335,3 +336,17 @@ def test_lora_steps_compile_from_abstract_shapes(setup):
                          jax.tree_util.tree_flatten_with_path(tree)[0]]
   assert shapes(step.out_info[0]) == shapes(state)  # the base is not in the state
   assert shapes(merge.out_info) == shapes(trainer.base)  # a plain model
+
+
+def test_lora_sft_saves_a_plain_merged_model(tmp_path, load_config):
+  config = load_config("smoke", **{"sft.epochs": 0.05, "sft.warmup_ratio": 0.0,
+                                   "train.lora.rank": 4})
+  out = sft.run(config, tmp_path)
+  before = nnx.to_pure_dict(nnx.state(models.load_pretrained(tmp_path / "init")))
+  after = nnx.to_pure_dict(nnx.state(models.load_pretrained(out)))
+  targeted = re.compile("|".join(config.train.lora.targets))
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(after)[0],
+                          jax.tree.leaves(before)):
+    name = train.path_name(path)
+    assert bool(np.any(np.asarray(a) != np.asarray(b))) == bool(targeted.search(name)), name
+  transformers.VideoLlavaForConditionalGeneration.from_pretrained(out)
