@@ -339,8 +339,8 @@ def test_lora_steps_compile_from_abstract_shapes(setup):
 
 
 def test_lora_sft_saves_a_plain_merged_model(tmp_path, load_config):
-  config = load_config("smoke", **{"sft.epochs": 0.05, "sft.warmup_ratio": 0.0,
-                                   "train.lora.rank": 4})
+  config = load_config("smoke", **{"world.num_videos.train": 2,  # 5 steps
+                                   "sft.warmup_ratio": 0.0, "train.lora.rank": 4})
   out = sft.run(config, tmp_path)
   before = nnx.to_pure_dict(nnx.state(models.load_pretrained(tmp_path / "init")))
   after = nnx.to_pure_dict(nnx.state(models.load_pretrained(out)))
