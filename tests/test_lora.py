@@ -4,6 +4,7 @@ The torch side is a tiny random transformers VideoLlava with peft's adapters
 on the same kernels, holding the same A and B (copied across, transposed:
 torch's Linear is [out, in], our kernels [in, out]). B is drawn nonzero for
 the comparisons, so that the low-rank paths and both gradients count.
+End to end: a LoRA iteration of configs/smoke.py and a LoRA `isr-dpo sft`.
 """
 import dataclasses
 import re
