@@ -15,9 +15,10 @@ Adapters are a pure dict that mirrors the parameter tree down to each adapted
 Linear module and holds `lora_a` and `lora_b` there, e.g.
 `adapters["language_model"]["layers"][0]["self_attn"]["q_proj"]["lora_a"]`.
 Targets are regexes over parameter paths, as train.TrainConfig.frozen's are;
-each 2-D `kernel` whose path one matches gets an adapter. `init`, `shardings`
-and `merge` read nothing but the trees, so they work on `jax.ShapeDtypeStruct`
-trees too (e.g. `jax.eval_shape(init, abstract_params, config, key)`).
+each 2-D `kernel` whose path one matches gets an adapter. Nothing here needs
+weights: `shardings` reads shapes, and `init` and `merge` trace under
+`jax.eval_shape` or `jit(...).lower` from `jax.ShapeDtypeStruct` trees, e.g.
+`jax.eval_shape(init, abstract_params, config, key)` to plan a run.
 
 In training (train.Trainer) the base stays frozen: the step differentiates the
 adapters alone, `attach` runs each low-rank path beside its frozen kernel, so
