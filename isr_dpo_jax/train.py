@@ -290,9 +290,10 @@ class Trainer:
     state, metrics = trainer.dpo_update(state, batch, frames, *ref)
     params = trainer.model_params(state)  # pi_{t+1}: a plain model's params
 
-  Under LoRA the model's parameters (as `model` holds them) are the frozen
-  base of every update and `state.params` are the adapters; the jitted steps
-  then take the base as their last argument.
+  Under LoRA the model's parameters, as `model` holds them (`trainer.base`;
+  None in full fine-tuning), are the frozen base of every update and
+  `state.params` are the adapters; the jitted steps then take the base as
+  their last argument (its shapes, to lower them from abstract shapes).
 
   `reference_logps` runs before training and its results are stored with the
   pairs, so no reference model stays resident. For on-the-fly reference
