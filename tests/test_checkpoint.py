@@ -1,5 +1,6 @@
 """Checkpoint save/restore: exact, async, resumable, onto another mesh shape,
 past a damaged step."""
+import gc
 import logging
 
 import jax
@@ -123,6 +124,12 @@ def _damage(step_dir, part):
       path.unlink()
 
 
+# A failed tensorstore read leaves a callback on Orbax's closed event loop;
+# the damaged-step tests collect it themselves, where its warning is expected.
+_EXPECTED_LOOP_WARNING = pytest.mark.filterwarnings(
+    "ignore::pytest.PytestUnraisableExceptionWarning")
+
+
 def _train_state_checkpoints(directory, steps):
   """A TrainState saved at `steps`, each with data state {"step": step}."""
   state = train.TrainState(**_state(_mesh((1, 4, 2))))
@@ -134,6 +141,7 @@ def _train_state_checkpoints(directory, steps):
   return state
 
 
+@_EXPECTED_LOOP_WARNING
 @pytest.mark.parametrize("part", ["_METADATA", "d"])
 def test_a_damaged_newest_step_is_skipped_for_the_one_before(tmp_path, part,
                                                              caplog):
@@ -153,8 +161,10 @@ def test_a_damaged_newest_step_is_skipped_for_the_one_before(tmp_path, part,
     assert ckpt.save(3, state, {"step": 3}, force=True)
     ckpt.wait()
     assert ckpt.restore(target)[1] == {"step": 3}
+  gc.collect()
 
 
+@_EXPECTED_LOOP_WARNING
 def test_no_step_restoring_is_one_line_user_error(tmp_path):
   state = _train_state_checkpoints(tmp_path, steps=(1, 2))
   _damage(tmp_path / "1", "d")
@@ -166,3 +176,4 @@ def test_no_step_restoring_is_one_line_user_error(tmp_path):
   assert isinstance(error.value, errors.UserError)
   assert "\n" not in message and str(tmp_path) in message
   assert "step 2 does not restore" in message and "step 1 does not restore" in message
+  gc.collect()
