@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data = dict(
       prompts="",  # QA jsonl of (video, question) prompts
       video_root="",
+      video_cache="",  # videos prepared by `isr-dpo prepare-videos`; "": decode each time
       template="vicuna_v1",
       max_length=2048,
       prompts_per_iteration=0,  # 0: every prompt, every iteration

@@ -25,6 +25,7 @@ from isr_dpo_jax import sampling
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video as video_lib
+from isr_dpo_jax.data import video_cache
 
 
 def save_params(params: dict, path: pathlib.Path) -> None:
@@ -69,7 +70,7 @@ class Policy:
   tokenizer: object
   encoder: tokenize.TextEncoder
   sampler: sampling.Sampler
-  video_root: pathlib.Path
+  frames: video_cache.Frames  # video name -> uint8 frames
   batch_size: int
   buckets: tuple[int, ...]
 
@@ -78,10 +79,13 @@ class Policy:
            video_root: str | os.PathLike, batch_size: int,
            buckets: Sequence[int], max_length: int = 2048,
            params_dir: str | os.PathLike | None = None,
-           dtype=jnp.float32) -> "Policy":
+           dtype=jnp.float32,
+           prepared_videos: str | os.PathLike | None = None) -> "Policy":
     """pi_0 from a checkpoint directory; pi_t with the params saved in params_dir.
 
     `dtype` is the compute dtype; parameters stay float32 (master weights).
+    Videos are read from `prepared_videos` (video_cache.prepare) if given,
+    else decoded from `video_root` each time.
     """
     model = models.load_pretrained(checkpoint, dtype=dtype, param_dtype=jnp.float32,
                                    mesh=mesh)
@@ -92,8 +96,11 @@ class Policy:
     encoder = tokenize.TextEncoder(
         tokenizer, templates.resolve(template), model.config.video_token_id,
         model.config.num_video_tokens, max_length=max_length)
+    vision = model.config.vision
+    frames = video_cache.Frames(video_root, vision.num_frames,
+                                vision.image_size, prepared_videos)
     return cls(model, tokenizer, encoder, sampling.Sampler(model, mesh),
-               pathlib.Path(video_root), batch_size, tuple(buckets))
+               frames, batch_size, tuple(buckets))
 
   @classmethod
   def from_config(cls, config, setup: bootstrap.Setup, mesh,
@@ -108,7 +115,8 @@ class Policy:
         batch_size=per_process(config.sampling.batch_size,
                                "sampling.batch_size"),
         buckets=config.sampling.buckets, max_length=config.data.max_length,
-        params_dir=params_dir, dtype=jnp.dtype(config.model.dtype))
+        params_dir=params_dir, dtype=jnp.dtype(config.model.dtype),
+        prepared_videos=config.data.video_cache or None)
 
   def _stopping(self, params: sampling.SamplingParams) -> sampling.SamplingParams:
     """Stops at eos; never writes the video placeholder."""
@@ -117,9 +125,7 @@ class Policy:
 
   def video(self, name: str) -> np.ndarray:
     """float32 [T, S, S, 3] pixels of a video; raises video.VideoError."""
-    vision = self.model.config.vision
-    frames = video_lib.read_video(self.video_root / name, vision.num_frames)
-    return video_lib.preprocess(frames, vision.image_size)
+    return video_lib.normalize(self.frames(name))
 
   def sample(self, questions: Sequence[str], videos: Sequence[np.ndarray],
              uids: Sequence[int], params: sampling.SamplingParams, *,

@@ -24,6 +24,7 @@ from isr_dpo_jax import train
 from isr_dpo_jax.data import loader as loader_lib
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
+from isr_dpo_jax.data import video_cache
 
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -48,8 +49,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
       tokenizer, templates.resolve(config.data.template), model.config.video_token_id,
       model.config.num_video_tokens, max_length=config.data.max_length)
   vision = model.config.vision
-  source = loader_lib.JsonlSource(setup.sft_data, "qa", setup.video_root, vision.num_frames,
-                                  vision.image_size, config.data.max_error_rate)
+  frames = video_cache.Frames(setup.video_root, vision.num_frames, vision.image_size)
+  source = loader_lib.JsonlSource(setup.sft_data, "qa", frames, config.data.max_error_rate)
   cfg = config.sft
   num_steps = math.ceil(cfg.epochs * len(source) / cfg.batch_size)
   trainer = train.Trainer(model, train_config(config), mesh, total_steps=num_steps)

@@ -350,9 +350,7 @@ def preference_records(answered: list[dict], judged: list[dict]) -> list[dict]:
 
 def _pair_loader(pairs_path, policy: policy_lib.Policy, batch_size: int, *,
                  shuffle: bool, num_epochs: int | None, seed: int = 0):
-  vision = policy.model.config.vision
-  source = loader_lib.JsonlSource(pairs_path, "dpo", policy.video_root,
-                                  vision.num_frames, vision.image_size)
+  source = loader_lib.JsonlSource(pairs_path, "dpo", policy.frames)
   return loader_lib.Loader(source, "preference", policy.encoder,
                            policy_lib.per_process(batch_size, "train.batch_size"),
                            seed=seed, shuffle=shuffle, num_epochs=num_epochs,

@@ -9,6 +9,7 @@ from isr_dpo_jax.data import records
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video
+from isr_dpo_jax.data import video_cache
 from isr_dpo_jax.data import vocab
 
 NUM_RECORDS, BATCH = 11, 4
@@ -152,7 +153,7 @@ def test_jsonl_source_decodes_videos_and_skips_broken_ones(encoder, tmp_path):
       {"from": "gpt", "value": "No."}]} for name in ("a", "broken", "b")]
   path = tmp_path / "qa.jsonl"
   records.write_jsonl(path, qa[:2] + [{"id": "no video"}] + qa[2:])
-  source = loader.JsonlSource(path, "qa", root, num_frames=2, frame_size=8)
+  source = loader.JsonlSource(path, "qa", video_cache.Frames(root, 2, 8))
   assert source.report.counts == {"missing_field": 1}
   assert source.locate(2) == (str(path), 4)
   ldr = make(encoder, source, task="prompt", shuffle=False)

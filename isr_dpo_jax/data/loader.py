@@ -2,9 +2,9 @@
 
 A source is a random-access sequence of (record, frames uint8 [T, S, S, 3])
 with a `frame_shape` and a `locate(index) -> (path, line)` that names an
-item in error reports: `JsonlSource` decodes videos as they are read,
-tfds_builder.Source reads frames decoded once at build time. A Loader turns
-a source into the batches of a task:
+item in error reports: `JsonlSource` reads a jsonl file's records and their
+videos' frames from a video_cache.Frames (decoded as they are read, or
+prepared once). A Loader turns a source into the batches of a task:
 
   "prompt":     PromptBatch of the first question (generation, evaluation)
   "preference": PreferenceBatch of DPO records (training)
@@ -31,7 +31,6 @@ import dataclasses
 import functools
 import math
 import os
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import grain
@@ -43,26 +42,28 @@ from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video
+from isr_dpo_jax.data import video_cache
 
 TASKS = ("prompt", "preference", "sft")
 
 
 class JsonlSource(Sequence):
-  """Validated records of a jsonl file; frames decoded when an item is read."""
+  """Validated records of a jsonl file; their frames read with each item."""
 
   def __init__(self, path: str | os.PathLike, kind: str,
-               video_root: str | os.PathLike, num_frames: int = 8,
-               frame_size: int = 224, max_error_rate: float | None = None):
+               frames: video_cache.Frames,
+               max_error_rate: float | None = None):
+    """A record whose video is not under `frames.root` is a bad record."""
     self.path = str(path)
     self.report = records.ReadReport()
     self._lines = []
     for line, record in records.iter_jsonl(path, kind, self.report,
-                                           video_root):
+                                           frames.root):
       self._lines.append(line)
       self.report.keep(record)
     self.report.check(max_error_rate)
-    self.frame_shape = (num_frames, frame_size, frame_size, 3)
-    self._video_root = Path(video_root)
+    self.frame_shape = frames.frame_shape
+    self._frames = frames
 
   def __len__(self) -> int:
     return len(self.report.records)
@@ -71,11 +72,9 @@ class JsonlSource(Sequence):
     return self.path, self._lines[index]
 
   def __getitem__(self, index: int) -> tuple[records.Record, np.ndarray]:
-    """Raises video.VideoError for a video that does not decode."""
+    """Raises video.VideoError for a video whose frames cannot be had."""
     record = self.report.records[index]
-    num_frames, size = self.frame_shape[:2]
-    frames = video.read_video(self._video_root / record["video"], num_frames)
-    return record, video.resize_and_crop(frames, size)
+    return record, self._frames(record["video"])
 
 
 class Batch(NamedTuple):
@@ -174,7 +173,7 @@ class Loader:
 
     Args:
       source: a random-access sequence of (record, frames), with
-        `frame_shape` and `locate` (JsonlSource, tfds_builder.Source).
+        `frame_shape` and `locate` (JsonlSource).
       task: one of TASKS.
       encoder: the text encoder of the model.
       batch_size: rows per batch on this host.
