@@ -107,6 +107,7 @@ class Setup:
   sft_data: pathlib.Path | None  # instruction jsonl for `isr-dpo sft`
   video_root: pathlib.Path
   test_sets: tuple[str, ...]  # test-QA files or registered names
+  ground_truth: pathlib.Path | None = None  # the synthetic world's, if any
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
@@ -121,4 +122,5 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
       config.world, world, workdir / "init", judge.Prompts(**config.prompts))
   return Setup(checkpoint, given(config.data.prompts) or world["train_qa"],
                given(config.sft.data) or world["train_sft"], world["video_root"],
-               tuple(config.eval.test_sets) or (os.fspath(world["test_qa"]),))
+               tuple(config.eval.test_sets) or (os.fspath(world["test_qa"]),),
+               world["ground_truth"])

@@ -156,7 +156,8 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   context_of = {c["video"]: c["context"] for c in written}
   where = {x["id"]: dict(file=x["file"], line=x["line"]) for x in prompts}  # for errors
   judged, s3 = stages.judgments([dict(a, **where[a["id"]]) for a in answered], context_of,
-                                policy, config, seed, it_dir / "judgments.jsonl", errors)
+                                policy, config, seed, it_dir / "judgments.jsonl", errors,
+                                ground_truth=setup.ground_truth)
   pairs = stages.preference_records(answered, judged)
 
   num_steps = math.ceil(config.train.epochs * len(pairs) / config.train.batch_size)

@@ -1,22 +1,25 @@
-"""Self-retrospective context prompts and self-judge decisions (METHOD.md 2).
+"""Self-retrospective context prompts and the judging protocol (METHOD.md 2).
 
-The policy judges its own pair of answers twice, once with y1 shown as
-"Response A" and once with y2 as "Response A", which cancels its position
-bias. Two judges share that protocol:
+The loop's judge (judges.py) compares two answers of the policy, y1 and y2,
+in both orders: once with y1 shown as "Response A" and once with y2 as
+"Response A", which cancels a position bias. Whatever the judge, it gives
+P(y1 better) per order (`letter_preferences` for letter odds,
+`verdict_preferences` for written verdicts) or a reason it has no verdict;
+`average_orders` and `decide` then treat every judge alike. A pair is kept
+only when both orders agree and the averaged preference for the winner
+reaches `threshold`; everything dropped is dropped with a reason.
 
-* likelihood (default): one forward pass per order; the model's next-token
-  probabilities of the letters A and B, renormalised over the two letters;
-* generative: the model writes a verdict, parsed by `parse_verdict`; a verdict
-  naming no single response is counted as unparsable, never guessed.
-
-A pair is kept only when both orders agree and the averaged preference for
-the winner reaches `threshold`; everything dropped is dropped with a reason.
+This module holds the wording, the arithmetic and the judge names that
+config validation accepts; it imports no jax.
 """
 from collections.abc import Sequence
 import dataclasses
 import re
 
 import numpy as np
+
+# config.judge.mode: the names of judges.JUDGES, readable without jax.
+MODES = ("likelihood", "generative", "ground_truth")
 
 FIRST_CONTEXT = (
     "Describe this video in detail: the objects and people, their attributes, "
@@ -71,9 +74,8 @@ def judge_questions(prompts: Prompts, question: str, y1: str, y2: str,
           judge_question(prompts, question, y2, y1, context))
 
 
-def preference_from_letters(letter_logps_Nx2x2: np.ndarray
-                            ) -> tuple[np.ndarray, np.ndarray]:
-  """P(y1 better), averaged over orders, and whether both orders agree.
+def letter_preferences(letter_logps_Nx2x2: np.ndarray) -> np.ndarray:
+  """P(y1 better) in each order, from the judge's odds of the letters A and B.
 
   Args:
     letter_logps_Nx2x2: log-probabilities of the next token being the letter
@@ -81,27 +83,42 @@ def preference_from_letters(letter_logps_Nx2x2: np.ndarray
       A) (middle axis). Any normalisation works: only the A-vs-B odds count.
 
   Returns:
+    p_y1_Nx2: the probability that y1 is better, in order 0 and in order 1.
+  """
+  logps = np.asarray(letter_logps_Nx2x2, np.float64).reshape(-1, 2, 2)
+  p_a = 1.0 / (1.0 + np.exp(logps[..., 1] - logps[..., 0]))  # [N, 2]
+  return np.stack([p_a[:, 0], 1.0 - p_a[:, 1]], axis=1)
+
+
+def verdict_preferences(verdicts: Sequence[tuple[str | None, str | None]]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """P(y1 better) per order (1 or 0) from parsed letters, and parsability.
+
+  A pair with an unparsable verdict in either order gets 0.5 in both.
+  """
+  parsed = np.array([a is not None and b is not None for a, b in verdicts], bool)
+  votes = np.array([(a == "A", b == "B") for a, b in verdicts], np.float64)
+  p_y1_Nx2 = np.where(parsed[:, None], votes.reshape(-1, 2), 0.5)
+  return p_y1_Nx2, parsed
+
+
+def average_orders(p_y1_Nx2: np.ndarray, judged_N: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """P(y1 better) averaged over orders, and whether both orders agree.
+
+  Args:
+    p_y1_Nx2: P(y1 better) in order 0 and in order 1.
+    judged_N: whether the judge gave a verdict on each pair; one without
+      gets 0.5 and no agreement.
+
+  Returns:
     p_y1_N: the probability that y1 is better, averaged over both orders.
     agree_N: whether each order on its own prefers the same response.
   """
-  logps = np.asarray(letter_logps_Nx2x2, np.float64)
-  p_a = 1.0 / (1.0 + np.exp(logps[..., 1] - logps[..., 0]))  # [N, 2]
-  p_y1_by_order = np.stack([p_a[:, 0], 1.0 - p_a[:, 1]], axis=1)
-  agree = (p_y1_by_order[:, 0] > 0.5) == (p_y1_by_order[:, 1] > 0.5)
-  return p_y1_by_order.mean(axis=1), agree
-
-
-def preference_from_verdicts(verdicts: Sequence[tuple[str | None, str | None]]
-                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """P(y1 better), agreement and parsability from parsed letters per order."""
-  p_y1, agree, parsed = [], [], []
-  for first, second in verdicts:
-    ok = first is not None and second is not None
-    y1_first, y1_second = first == "A", second == "B"
-    parsed.append(ok)
-    agree.append(ok and y1_first == y1_second)
-    p_y1.append((float(y1_first) + float(y1_second)) / 2 if ok else 0.5)
-  return np.asarray(p_y1), np.asarray(agree), np.asarray(parsed)
+  p_y1_Nx2 = np.asarray(p_y1_Nx2, np.float64).reshape(-1, 2)
+  judged = np.asarray(judged_N, bool)
+  agree = judged & ((p_y1_Nx2[:, 0] > 0.5) == (p_y1_Nx2[:, 1] > 0.5))
+  return np.where(judged, p_y1_Nx2.mean(axis=1), 0.5), agree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,17 +130,19 @@ class Decision:
 
 
 def decide(y1: str, y2: str, p_y1: float, agree: bool, threshold: float,
-           parsed: bool = True, require_agreement: bool = True) -> Decision:
-  """Keeps the pair or says why not (identical, unparsable, disagree, weak).
+           no_verdict: str | None = None, require_agreement: bool = True
+           ) -> Decision:
+  """Keeps the pair or says why not (identical, no verdict, disagree, weak).
 
+  `no_verdict` is the judge's reason for giving none (e.g. UNPARSABLE).
   `require_agreement=False` keeps order-inconsistent pairs on the averaged
   preference alone (for untrained models, whose letter bias dominates).
   """
   confidence = max(p_y1, 1.0 - p_y1)
   if y1.strip() == y2.strip():
     return Decision(None, confidence, IDENTICAL)
-  if not parsed:
-    return Decision(None, confidence, UNPARSABLE)
+  if no_verdict is not None:
+    return Decision(None, confidence, no_verdict)
   if require_agreement and not agree:
     return Decision(None, confidence, INCONSISTENT)
   if confidence < threshold:

@@ -2,7 +2,7 @@
 
   responses  two sampled answers per (video, question)       responses.jsonl
   contexts   c_t(V) written while revisiting c_{t-1}(V)       contexts.jsonl
-  judgments  the policy's preference, both orders averaged    judgments.jsonl
+  judgments  the judge's preference, both orders averaged     judgments.jsonl
   pairs      LLaVA-Hound DPO records + reference log-probs    pairs.jsonl
 
 Each stage walks its work in fixed batches, in a fixed order, and appends a
@@ -37,6 +37,7 @@ import tqdm
 from isr_dpo_jax import checkpoint
 from isr_dpo_jax import distributed
 from isr_dpo_jax import judge
+from isr_dpo_jax import judges
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
@@ -282,47 +283,44 @@ def judge_prompts(cfg) -> judge.Prompts:
 
 
 def judgments(answered: list[dict], context_of: dict[str, str],
-              policy: policy_lib.Policy, cfg, seed: int, path, errors: ErrorLog
+              policy: policy_lib.Policy, cfg, seed: int, path, errors: ErrorLog,
+              *, ground_truth: pathlib.Path | None = None
               ) -> tuple[list[dict], Summary]:
-  """Stage 2: the policy judges y1 against y2 in both orders; keep or drop."""
+  """Stage 2: the run's judge (judge.mode) weighs y1 against y2; keep or drop.
+
+  The judge gives P(y1 better) per order, or why it gives no verdict;
+  averaging the orders and the decision are the same for every judge. Every
+  judge's items must fit the judge prompts of both orders (judges.Pair.orders),
+  so that all judges see the same pairs. `ground_truth` is the synthetic
+  world's file, for judge.mode="ground_truth".
+  """
   summary = Summary("judgments", records_in=len(answered))
   prompts = judge_prompts(cfg)
-  letters = policy.letter_ids("AB")
-  verdict_params = sampling.SamplingParams(temperature=0.0,
-                                           max_new_tokens=cfg.judge.max_new_tokens)
+  judge_fn = judges.make(cfg, policy, seed, ground_truth)
+
+  def context(x: dict) -> str | None:
+    return context_of.get(x["video"]) if cfg.judge.use_context else None
 
   def orders(x: dict) -> list[str]:
-    context = context_of.get(x["video"]) if cfg.judge.use_context else None
-    return list(judge.judge_questions(prompts, x["question"], *x["responses"], context))
+    return list(judge.judge_questions(prompts, x["question"], *x["responses"], context(x)))
 
   def work(batch):
     kept, questions, pixels, any_kept = _usable("judgments", batch, orders, policy, errors)
     if not any_kept:
       return []
-    questions = [q for pair in questions for q in pair]
-    frames = [p for p in pixels for _ in range(2)]
-    if cfg.judge.mode == "likelihood":
-      logps = policy.next_token_logprobs(questions, frames, letters).reshape(-1, 2, 2)
-      p_y1, agree = judge.preference_from_letters(logps)
-      parsed, raw = np.ones(len(kept), bool), logps.tolist()
-    elif cfg.judge.mode == "generative":
-      uids = [policy_lib.stable_uid("verdict", x["id"], o) for x in kept for o in (0, 1)]
-      texts = [s[0].text for s in policy.sample(questions, frames, uids, verdict_params,
-                                                seed=seed)]
-      verdicts = [judge.parse_verdict(t) for t in texts]
-      p_y1, agree, parsed = judge.preference_from_verdicts(
-          list(zip(verdicts[0::2], verdicts[1::2])))
-      raw = list(zip(texts[0::2], texts[1::2]))
-    else:
-      raise ValueError(f"judge.mode must be likelihood or generative: {cfg.judge.mode!r}")
+    verdicts = judge_fn([judges.Pair(x["id"], x["video"], x["question"], tuple(x["responses"]),
+                                     context(x), tuple(q), p)
+                         for x, q, p in zip(kept, questions, pixels)])
+    p_y1, agree = judge.average_orders(verdicts.p_y1_Nx2,
+                                       [r is None for r in verdicts.no_verdict])
     out = []
     for i, x in enumerate(kept):
       decision = judge.decide(*x["responses"], float(p_y1[i]), bool(agree[i]),
-                              cfg.judge.threshold, bool(parsed[i]),
+                              cfg.judge.threshold, verdicts.no_verdict[i],
                               cfg.judge.require_agreement)
       out.append(dict(id=x["id"], p_y1=float(p_y1[i]), agree=bool(agree[i]),
                       confidence=decision.confidence, winner=decision.winner,
-                      reason=decision.reason, raw=raw[i]))
+                      reason=decision.reason, raw=verdicts.evidence[i]))
     return _all_processes(out)
 
   out = run_batches(summary, path, answered, cfg.judge.batch_size, work, errors,

@@ -5,9 +5,17 @@ import numpy as np
 import pytest
 
 import conftest
+import tolerance
+from isr_dpo_jax import bootstrap
 from isr_dpo_jax import generate
+from isr_dpo_jax import judge
+from isr_dpo_jax import judges
+from isr_dpo_jax import parallel
+from isr_dpo_jax import policy as policy_lib
+from isr_dpo_jax import sampling
 from isr_dpo_jax import stages
 from isr_dpo_jax.data import records
+from isr_dpo_jax.data import synthetic
 from isr_dpo_jax.data import video as video_lib
 
 MAX_PROMPT_CHARS = 400  # the judge template alone takes 240
@@ -104,3 +112,114 @@ def test_undecodable_videos_past_the_error_rate_stop_the_run(tmp_path):
   answered, summary = stages.responses(items, FakePolicy(), config(0.9), 0,
                                        tmp_path / "responses_ok.jsonl", errors)
   assert len(answered) == 2 and summary.dropped == {"bad_video": 10}
+
+
+# The judgments stage with each judge.
+
+
+@pytest.fixture(name="smoke", scope="module")
+def smoke_fixture(tmp_path_factory):
+  """configs/smoke.py's world and pi_0, and 16 of its prompts answered twice:
+  right then wrong, wrong then right, or the same answer twice; and the right
+  answer of each."""
+  config = conftest.load_config("smoke")
+  setup = bootstrap.prepare(config, tmp_path_factory.mktemp("smoke"))
+  policy = policy_lib.Policy.from_config(config, setup,
+                                         parallel.make_mesh(dict(config.mesh)))
+  answered, right_of = [], {}
+  for line, record in enumerate(read_jsonl(setup.prompts)[:16], start=1):
+    (question, answer), = records.conversation_turns(record["conversations"])
+    question = question.replace("<video>", "").strip()
+    right, wrong = f"It is {answer}.", f"It is {synthetic.alternatives(answer)[0]}."
+    responses = [[right, wrong], [wrong, right], [right, right]][line % 3]
+    answered.append(dict(id=record["id"], video=record["video"], question=question,
+                         responses=responses, lengths=[len(y.split()) for y in responses],
+                         file=str(setup.prompts), line=line))
+    right_of[record["id"]] = right
+  return setup, policy, answered, right_of
+
+
+def _judge(smoke, mode: str, path, **overrides):
+  setup, policy, answered, _ = smoke
+  cfg = conftest.load_config("smoke", **{"judge.mode": mode, **overrides})
+  contexts = {x["video"]: "A red square moves left." for x in answered[::2]}
+  errors = stages.ErrorLog(path / f"{mode}_errors.jsonl")
+  judged, summary = stages.judgments(answered, contexts, policy, cfg, 7,
+                                     path / f"{mode}.jsonl", errors,
+                                     ground_truth=setup.ground_truth)
+  errors.close()
+  return judged, summary, contexts
+
+
+@pytest.mark.parametrize("mode", ["likelihood", "generative"])
+def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mode, tmp_path):
+  """The records of a fixed seed, as the stage wrote them before judges.py:
+  pi_t's letter log-probs or verdicts on both orders of each pair, batch by
+  batch, and the decision on their average."""
+  (tmp_path / "again").mkdir()
+  _, summary, contexts = _judge(smoke, mode, tmp_path)
+  _judge(smoke, mode, tmp_path / "again")
+  judged = read_jsonl(tmp_path / f"{mode}.jsonl")
+  assert judged == read_jsonl(tmp_path / "again" / f"{mode}.jsonl")
+  _, policy, answered, _ = smoke
+  assert [j["id"] for j in judged] == [x["id"] for x in answered]
+  cfg = conftest.load_config("smoke")
+  evidence = []
+  for start in range(0, len(answered), cfg.judge.batch_size):  # the stage's batches
+    batch = answered[start:start + cfg.judge.batch_size]
+    questions = [q for x in batch for q in judge.judge_questions(
+        judge.Prompts(), x["question"], *x["responses"], contexts.get(x["video"]))]
+    frames = [policy.video(x["video"]) for x in batch for _ in range(2)]
+    if mode == "likelihood":
+      evidence += policy.next_token_logprobs(questions, frames,
+                                             policy.letter_ids("AB")).reshape(-1, 2, 2).tolist()
+    else:
+      uids = [policy_lib.stable_uid("verdict", x["id"], o) for x in batch for o in (0, 1)]
+      params = sampling.SamplingParams(temperature=0.0,
+                                       max_new_tokens=cfg.judge.max_new_tokens)
+      texts = [s[0].text for s in policy.sample(questions, frames, uids, params, seed=7)]
+      evidence += [list(t) for t in zip(texts[0::2], texts[1::2])]
+  if mode == "likelihood":
+    tolerance.assert_close([j["raw"] for j in judged], evidence)
+    p_y1_Nx2 = judge.letter_preferences(np.array([j["raw"] for j in judged]))
+    judged_N = np.ones(len(judged), bool)
+  else:
+    assert [j["raw"] for j in judged] == evidence
+    p_y1_Nx2, judged_N = judge.verdict_preferences(
+        [tuple(map(judge.parse_verdict, j["raw"])) for j in judged])
+  p_y1, agree = judge.average_orders(p_y1_Nx2, judged_N)
+  for j, x, p, a, ok in zip(judged, answered, p_y1, agree, judged_N):
+    decision = judge.decide(*x["responses"], p, a, cfg.judge.threshold,
+                            None if ok else judge.UNPARSABLE, cfg.judge.require_agreement)
+    assert (j["p_y1"], j["agree"], j["winner"], j["reason"]) == (
+        p, a, decision.winner, decision.reason)
+  assert summary.records_out == sum(j["winner"] is not None for j in judged)
+
+
+def test_the_ground_truth_judge_keeps_the_right_answer_as_chosen(smoke, tmp_path):
+  judged, summary, _ = _judge(smoke, "ground_truth", tmp_path)
+  _, _, answered, right_of = smoke
+  want = {x["id"]: [0, 1, None][x["line"] % 3] for x in answered}  # as smoke_fixture
+  assert {j["id"]: j["winner"] for j in judged} == want
+  pairs = stages.preference_records(answered, judged)
+  assert [p["chosen"] for p in pairs] == [right_of[p["id"]] for p in pairs]
+  assert all(p["rejected"] != right_of[p["id"]] for p in pairs)
+  identical = sum(w is None for w in want.values())
+  assert summary.dropped == {judge.IDENTICAL: identical}
+  assert summary.records_out == len(pairs) == len(answered) - identical
+
+
+def test_the_ground_truth_judge_counts_pairs_with_both_or_neither_right(tmp_path):
+  world = synthetic.write_world(tmp_path / "world", {"train": 1})
+  clip = read_jsonl(world["ground_truth"])[0]
+  qa = clip["qa"][0]  # how many shapes
+  answered = [dict(prompt(i, qa["question"], clip["video"]), responses=ys)
+              for i, ys in enumerate([[qa["response"], qa["answer"]],
+                                      ["Four.", "None."], [qa["response"], "None."]])]
+  errors = stages.ErrorLog(tmp_path / "errors.jsonl")
+  judged, summary = stages.judgments(
+      answered, {}, FakePolicy(), conftest.load_config("smoke", **{"judge.mode": "ground_truth"}),
+      0, tmp_path / "judgments.jsonl", errors, ground_truth=world["ground_truth"])
+  assert [j["reason"] for j in judged] == [judges.BOTH_CORRECT, judges.NEITHER_CORRECT, None]
+  assert summary.dropped == {judges.BOTH_CORRECT: 1, judges.NEITHER_CORRECT: 1}
+  assert judged[2]["winner"] == 0 and summary.records_out == 1

@@ -1,0 +1,184 @@
+"""The loop's judges: which of two sampled answers the policy learns to prefer.
+
+Every judge answers one question about a batch of pairs (y1, y2), two answers
+to a question about a video: P(y1 better) in each order of the judging
+protocol (judge.judge_questions: order 0 shows y1 as "Response A", order 1
+shows y2), or the reason it gives no verdict. The judgments stage then
+averages the orders and decides (judge.average_orders, judge.decide) alike
+for every judge, so a new judge is one class here, its line in JUDGES and its
+name in judge.MODES (which config validation reads without importing jax).
+
+  likelihood    pi_t's next-token odds of the letters A and B
+  generative    pi_t writes a verdict, parsed by judge.parse_verdict
+  ground_truth  the synthetic world's answers (the positive control)
+
+judge.py holds the protocol (wording, order arithmetic, decisions); this
+module holds who applies it, which needs the policy or the world's files.
+"""
+from collections.abc import Sequence
+import dataclasses
+import pathlib
+from typing import Protocol
+
+import ml_collections
+import numpy as np
+
+from isr_dpo_jax import judge
+from isr_dpo_jax import policy as policy_lib
+from isr_dpo_jax import sampling
+from isr_dpo_jax import settings
+from isr_dpo_jax.data import records
+from isr_dpo_jax.data import synthetic
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  """Two answers to one question about a video, and what a judge may use."""
+  id: str
+  video: str  # its name in the prompts file
+  question: str
+  responses: tuple[str, str]  # (y1, y2)
+  context: str | None  # c_t(V); None when judging without context
+  orders: tuple[str, str]  # the judge question, y1 shown first, then y2
+  pixels: np.ndarray  # float32 [T, S, S, 3]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdicts:
+  """A judge's findings on N pairs.
+
+  Attributes:
+    p_y1_Nx2: P(y1 better) in order 0 and in order 1 (an order-blind judge
+      gives the same twice).
+    no_verdict: per pair, why the judge gives no verdict (a drop reason
+      counted in the summary), or None.
+    evidence: per pair, what the verdict rests on, JSON-ready: it is the
+      judgment record's "raw".
+  """
+  p_y1_Nx2: np.ndarray
+  no_verdict: list[str | None]
+  evidence: list
+
+
+class Judge(Protocol):
+  """Judges pairs; a class is built per iteration as
+
+    cls(config, policy, seed, ground_truth)
+
+  from the run's config, pi_t, the iteration's seed and the synthetic
+  world's ground_truth.jsonl (None on other data). It is called on every
+  process, on that process's pairs of each batch, possibly none.
+  """
+
+  def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
+    ...
+
+
+def _questions_and_frames(pairs: Sequence[Pair]) -> tuple[list[str], list[np.ndarray]]:
+  """Both orders' judge questions of every pair, and each one's video."""
+  return ([q for p in pairs for q in p.orders],
+          [p.pixels for p in pairs for _ in p.orders])
+
+
+class Likelihood:
+  """pi_t's next-token probabilities of A and B: one forward pass per order."""
+
+  def __init__(self, config, policy: policy_lib.Policy, seed: int, ground_truth):
+    del config, seed, ground_truth  # unused
+    self.policy = policy
+    self.letters = policy.letter_ids("AB")
+
+  def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
+    questions, frames = _questions_and_frames(pairs)
+    logps = self.policy.next_token_logprobs(questions, frames, self.letters)
+    logps_Nx2x2 = logps.reshape(-1, 2, 2)
+    return Verdicts(judge.letter_preferences(logps_Nx2x2), [None] * len(pairs),
+                    logps_Nx2x2.tolist())
+
+
+class Generative:
+  """pi_t writes a verdict per order, greedily; one naming no single response
+  is unparsable, never guessed."""
+
+  def __init__(self, config, policy: policy_lib.Policy, seed: int, ground_truth):
+    del ground_truth  # unused
+    self.policy, self.seed = policy, seed
+    self.params = sampling.SamplingParams(temperature=0.0,
+                                          max_new_tokens=config.judge.max_new_tokens)
+
+  def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
+    questions, frames = _questions_and_frames(pairs)
+    uids = [policy_lib.stable_uid("verdict", p.id, o) for p in pairs for o in (0, 1)]
+    texts = [s[0].text for s in self.policy.sample(questions, frames, uids,
+                                                   self.params, seed=self.seed)]
+    letters = [judge.parse_verdict(t) for t in texts]
+    p_y1_Nx2, parsed = judge.verdict_preferences(list(zip(letters[0::2], letters[1::2])))
+    return Verdicts(p_y1_Nx2, [None if ok else judge.UNPARSABLE for ok in parsed],
+                    [list(t) for t in zip(texts[0::2], texts[1::2])])
+
+
+# Why the ground truth gives no verdict on a pair.
+BOTH_CORRECT = "both_correct"
+NEITHER_CORRECT = "neither_correct"
+NO_GROUND_TRUTH = "no_ground_truth"  # a question the world does not ask
+
+
+def world_answers(ground_truth: pathlib.Path) -> dict[tuple[str, str], str]:
+  """{(video, question): canonical answer} of a synthetic world's ground truth."""
+  return {(clip["video"], qa["question"]): qa["answer"]
+          for clip in (records.parse_line(line)
+                       for _, line in records.iter_lines(ground_truth))
+          for qa in clip["qa"]}
+
+
+class GroundTruth:
+  """The synthetic world's answers as the judge: the positive control.
+
+  Prefers the response that gives the question's answer by the world's rule
+  (synthetic.answer_is_correct, as evaluation scores answers); a pair where
+  both or neither do gets no verdict. The pairs, DPO and evaluation are the
+  self-judge's; only the verdicts differ, so a loop that does not improve
+  under this judge has a fault in its machinery, not in its judge. It exists
+  only where ground truth does: on the synthetic world (config.world).
+  """
+
+  def __init__(self, config, policy, seed: int, ground_truth: pathlib.Path | None):
+    del config, policy, seed  # unused
+    if ground_truth is None:
+      raise settings.ConfigError(
+          "judge.mode='ground_truth': this judge knows the answers of the "
+          "synthetic world only, and config.world is None; set config.world "
+          f"or choose one of {', '.join(m for m in JUDGES if m != 'ground_truth')}")
+    self.answers = world_answers(ground_truth)
+
+  def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
+    p_y1, no_verdict, evidence = [], [], []
+    for pair in pairs:
+      answer = self.answers.get((pair.video, pair.question))
+      correct = [answer is not None and synthetic.answer_is_correct(y, answer)
+                 for y in pair.responses]
+      p_y1.append(0.5 if correct[0] == correct[1] else float(correct[0]))
+      no_verdict.append(NO_GROUND_TRUTH if answer is None else
+                        BOTH_CORRECT if all(correct) else
+                        NEITHER_CORRECT if not any(correct) else None)
+      evidence.append(dict(answer=answer, correct=correct))
+    return Verdicts(np.repeat(np.array(p_y1, np.float64)[:, None], 2, axis=1),
+                    no_verdict, evidence)
+
+
+# config.judge.mode -> judge; the same names as judge.MODES.
+JUDGES: dict[str, type[Judge]] = {
+    "likelihood": Likelihood,
+    "generative": Generative,
+    "ground_truth": GroundTruth,
+}
+
+
+def make(config: ml_collections.ConfigDict, policy: policy_lib.Policy, seed: int,
+         ground_truth: pathlib.Path | None = None) -> Judge:
+  """The judge that config.judge.mode names; a ConfigError for an unknown name."""
+  mode = config.judge.mode
+  if mode not in JUDGES:
+    raise settings.ConfigError(
+        f"judge.mode={mode!r}: must be one of {', '.join(JUDGES)}")
+  return JUDGES[mode](config, policy, seed, ground_truth)
