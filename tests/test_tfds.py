@@ -6,6 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from isr_dpo_jax import errors
 from isr_dpo_jax.data import loader
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
@@ -161,3 +162,14 @@ def test_loader_reads_prepared_frames(video_root, files, prepared_dir):
   assert sorted((e.line, e.reason) for e in errors) == [
       (5, "bad_video"), (6, "bad_video")]
   assert all(e.path == str(prompts) for e in errors)
+
+
+def test_nothing_to_prepare_is_one_clear_error(video_root, tmp_path):
+  empty, broken = tmp_path / "empty.jsonl", tmp_path / "broken.jsonl"
+  records.write_jsonl(empty, [{"id": "no video"}])
+  records.write_jsonl(broken, [qa("a", "corrupt.mp4")])
+  with pytest.raises(errors.UserError, match="no record names a video"):
+    video_cache.prepare(tmp_path / "a", [empty], video_root, NUM_FRAMES, SIZE)
+  with pytest.raises(records.TooManyBadRecords,
+                     match=r"(?s)1 of 1 records are bad .*corrupt.mp4"):
+    video_cache.prepare(tmp_path / "b", [broken], video_root, NUM_FRAMES, SIZE)

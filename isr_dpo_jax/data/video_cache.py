@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from isr_dpo_jax import errors
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import tfds_builder
 from isr_dpo_jax.data import video
@@ -62,8 +63,9 @@ def prepare(data_dir: str | os.PathLike, files: Sequence[str | os.PathLike],
   this size, so a second call costs nothing.
 
   Raises:
-    records.TooManyBadRecords: more than `max_error_rate` of the videos do
-      not decode.
+    errors.UserError: `files` name no video.
+    records.TooManyBadRecords: more than `max_error_rate` of the videos (or
+      all of them) do not decode.
     tfds_builder.PreparedMismatch: `data_dir` holds videos prepared at
       another size or from other files.
   """
@@ -71,6 +73,9 @@ def prepare(data_dir: str | os.PathLike, files: Sequence[str | os.PathLike],
   for path in files:
     for line, record in records.iter_jsonl(path, "qa", records.ReadReport()):
       first_named.setdefault(record["video"], (str(path), line))
+  if not first_named:
+    raise errors.UserError(f"{', '.join(map(str, files))}: no record names "
+                           "a video")
   tfds_builder.VideoFrames(
       data_dir=data_dir, videos=first_named, video_root=video_root,
       num_frames=num_frames, frame_size=frame_size,
