@@ -33,6 +33,8 @@ COMMANDS = {
     "sft": ("isr_dpo_jax.sft", "supervised fine-tuning on instruction data"),
     "eval": ("isr_dpo_jax.evaluate", "VideoQA evaluation of a checkpoint"),
     "demo": ("isr_dpo_jax.demo", "the built-in synthetic-world experiment"),
+    "prepare-videos": ("isr_dpo_jax.prepare_videos",
+                       "decode the run's videos once (data.video_cache)"),
 }
 DEFAULT_CONFIGS = {"demo": "configs/demo.py"}
 # Errors that the user fixes: one line, exit status 2. A missing file's
