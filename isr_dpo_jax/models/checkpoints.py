@@ -1,4 +1,7 @@
-"""Safetensors checkpoints <-> VideoLlava, streamed tensor by tensor and sharded.
+"""Safetensors checkpoints <-> a model family, streamed tensor by tensor and sharded.
+
+The family (registry.py) builds the model and maps config.json to its config;
+the parameter names of each layout are those of the LLaVA models, below.
 
 Layouts read:
   * "hf": transformers `VideoLlavaForConditionalGeneration`: the names its
@@ -38,9 +41,11 @@ from safetensors.numpy import save_file
 
 from isr_dpo_jax import parallel
 from isr_dpo_jax.models import config as config_lib
-from isr_dpo_jax.models.video_llava import VideoLlava
+from isr_dpo_jax.models import interface
+from isr_dpo_jax.models import registry
 
 _INDEX_FILE = "model.safetensors.index.json"
+_FAMILY_KEY = "model_family"  # in the config.json that save_pretrained writes
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 # Parameter path (joined with ".") -> canonical key, applied in order.
@@ -116,19 +121,25 @@ def _ignored(key: str, cfg: config_lib.VideoLlavaConfig) -> bool:
 # ---------------------------------------------------------------------------
 
 
-def read_config(path: str | os.PathLike) -> tuple[config_lib.VideoLlavaConfig, str]:
-  """The model config and layout ("hf" or "original") of a checkpoint directory."""
+def read_config(path: str | os.PathLike, family: str = registry.DEFAULT) -> tuple[object, str]:
+  """The family's config and the layout of a checkpoint directory.
+
+  A config.json that `save_pretrained` wrote names its family (`model_family`):
+  reading it as another family is an error, not a different model.
+  """
+  from_json = registry.get(family).from_json
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"{config_path}: no config.json in the checkpoint directory")
   with open(config_path) as f:
     d = json.load(f)
-  if d.get("model_type") == "video_llava":
-    return config_lib.from_hf_dict(d), "hf"
-  if "mm_video_tower" in d or d.get("model_type") == "llava_llama":
-    return config_lib.from_original_dict(d, config_lib.tower_from_original(d, path)), "original"
-  raise ValueError(f"{config_path}: model_type {d.get('model_type')!r} is neither video_llava "
-                   "(Hugging Face) nor llava_llama with mm_video_tower (original Video-LLaVA)")
+  if d.get(_FAMILY_KEY, family) != family:
+    raise ValueError(f"{config_path} holds a {d[_FAMILY_KEY]} model, not {family} "
+                     f"(set model.family={d[_FAMILY_KEY]!r})")
+  try:
+    return from_json(d, path)
+  except ValueError as e:
+    raise ValueError(f"{config_path}: {e}") from None
 
 
 def _weight_map(path: str | os.PathLike) -> dict[str, str]:
@@ -184,19 +195,21 @@ def _put_sharded(tensor: np.ndarray, key: str, file_path: str, target: jax.Shape
   return jax.make_array_from_callback(target.shape, sharding, read)
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
+def load_pretrained(path: str | os.PathLike, *, family: str = registry.DEFAULT,
+                    dtype=jnp.float32, param_dtype=None,
                     mesh: jax.sharding.Mesh | None = None,
-                    rules=parallel.LOGICAL_RULES) -> VideoLlava:
-  """Loads a VideoLlava from a checkpoint directory (layout detected from config.json).
+                    rules=parallel.LOGICAL_RULES) -> interface.VideoLanguageModel:
+  """Loads a model of `family` from a checkpoint directory (layout from config.json).
 
   dtype is the compute dtype, param_dtype (default: dtype) the storage dtype.
   With a mesh, every parameter is placed on its sharding by `rules`; otherwise
   on the default device.
   """
-  cfg, layout = read_config(path)
+  cfg, layout = read_config(path, family)
   param_dtype = param_dtype or dtype
+  model_class = registry.get(family).model
   abstract = nnx.eval_shape(
-      lambda: VideoLlava(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
+      lambda: model_class(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype))
   graphdef, state = nnx.split(abstract)
   if mesh is None:
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -251,7 +264,7 @@ def _original_key(key: str, cfg: config_lib.VideoLlavaConfig) -> str:
   ))
 
 
-def _stored_tensors(model: VideoLlava, layout: str) -> list[tuple[str, int, Callable]]:
+def _stored_tensors(model, layout: str) -> list[tuple[str, int, Callable]]:
   """(stored key, bytes, host tensor thunk) for everything save_pretrained writes."""
   cfg = model.config
   state = nnx.state(model, nnx.Param)
@@ -294,21 +307,23 @@ def _plan_shards(tensors, max_shard_bytes: int) -> list[list]:
   return shards
 
 
-def save_pretrained(model: VideoLlava, path: str | os.PathLike, *, layout: str = "hf",
+def save_pretrained(model, path: str | os.PathLike, *, layout: str | None = None,
                     tokenizer=None, max_shard_bytes: int = 4 << 30) -> None:
   """Writes config.json and safetensors shards (+ index) in the given layout.
 
-  "hf" is what transformers 5 writes for VideoLlavaForConditionalGeneration and
-  loads without missing weights; it needs a plain CLIP tower, "full" features and
-  the mlp2x_gelu projector. "original" is the llava_llama layout (LanguageBind
+  layout None is the model family's `save_layout`. "hf" is what transformers 5
+  writes for VideoLlavaForConditionalGeneration and loads without missing
+  weights; it needs a plain CLIP tower, "full" features and the mlp2x_gelu
+  projector. "original" is the llava_llama layout (LanguageBind
   temporal tower supported). Only the tower layers the model holds are written;
   the config then selects their output (feature layer -1), the same features.
   Tensors are fetched to the host one shard file at a time; process 0 writes.
   """
+  name, family = registry.of(model)
+  layout = layout or family.save_layout
   if layout not in _TO_CANONICAL:
     raise ValueError(f"layout must be one of {sorted(_TO_CANONICAL)}, got {layout!r}")
-  cfg = model.config
-  config_dict = config_lib.to_hf_dict(cfg) if layout == "hf" else config_lib.to_original_dict(cfg)
+  config_dict = family.to_json(model.config, layout) | {_FAMILY_KEY: name}
   shards = _plan_shards(_stored_tensors(model, layout), max_shard_bytes)
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

@@ -184,16 +184,13 @@ def vision_from_dict(d: dict, *, temporal_attention: bool, num_frames: int) -> V
 
 
 def vision_to_dict(c: VisionConfig, num_layers: int) -> dict:
-  d = {
+  return {
       "model_type": "clip_vision_model", "hidden_size": c.hidden_size,
       "intermediate_size": c.intermediate_size, "num_hidden_layers": num_layers,
       "num_attention_heads": c.num_heads, "image_size": c.image_size,
       "patch_size": c.patch_size, "layer_norm_eps": c.layer_norm_eps,
       "hidden_act": c.hidden_act, "num_channels": 3,
   }
-  if c.temporal_attention:
-    d.update(add_time_attn=True, num_frames=c.num_frames)
-  return d
 
 
 def from_hf_dict(d: dict, *, num_frames: int = 8) -> VideoLlavaConfig:
@@ -305,13 +302,30 @@ def from_original_dict(d: dict, tower: dict) -> VideoLlavaConfig:
       video_token_id=d.get("video_token_index", ORIGINAL_VIDEO_TOKEN_ID))
 
 
+def from_json(d: dict, checkpoint_dir: str | os.PathLike) -> tuple[VideoLlavaConfig, str]:
+  """The config and layout ("hf" or "original") that a config.json describes."""
+  if d.get("model_type") == "video_llava":
+    return from_hf_dict(d), "hf"
+  if "mm_video_tower" in d or d.get("model_type") == "llava_llama":
+    return from_original_dict(d, tower_from_original(d, checkpoint_dir)), "original"
+  raise ValueError(f"model_type {d.get('model_type')!r} is neither video_llava (Hugging "
+                   "Face) nor llava_llama with mm_video_tower (original Video-LLaVA)")
+
+
+def to_json(c: VideoLlavaConfig, layout: str) -> dict:
+  """The config.json of a checkpoint in `layout` ("hf" or "original")."""
+  return to_hf_dict(c) if layout == "hf" else to_original_dict(c)
+
+
 def to_original_dict(c: VideoLlavaConfig) -> dict:
   text = llama_to_dict(c.text)
   text.update(model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"])
   return {
       **text,
       "mm_video_tower": "LanguageBind/LanguageBind_Video_merge",
-      "video_tower_config": vision_to_dict(c.vision, c.num_tower_layers),
+      # Both keys written: reading fills missing ones with LanguageBind's (8, True).
+      "video_tower_config": vision_to_dict(c.vision, c.num_tower_layers) | {
+          "num_frames": c.vision.num_frames, "add_time_attn": c.vision.temporal_attention},
       "mm_vision_select_layer": -1,
       "mm_video_select_feature": c.feature_strategy,
       "mm_projector_type": c.projector,

@@ -1,7 +1,8 @@
 """Video-LLaVA: video tower -> feature selection -> projector -> merged into the LLM.
 
-The three stages are separate methods so that callers can reuse their pieces:
-the frozen tower's output `encode_video(videos)` can be computed once per video
+The reference implementation of models/interface.py's VideoLanguageModel: the
+three stages are separate methods so that callers can reuse their pieces: the
+frozen tower's output `encode_video(videos)` can be computed once per video
 and merged into many prompts with `embed`, and `decode` runs the language model
 on embeddings with explicit positions, masks and a KV cache (see llama.py).
 """
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from isr_dpo_jax.models import interface
 from isr_dpo_jax.models import layers
 from isr_dpo_jax.models.config import VideoLlavaConfig
 from isr_dpo_jax.models.llama import KVCache, Llama
@@ -50,6 +52,9 @@ def _check_placeholders(is_video_BxL, num_embeddings: int):
 class VideoLlava(nnx.Module):
   """The Video-LLaVA model; `__call__` maps (ids, videos, padding mask) to logits."""
 
+  parameter_groups = {interface.VIDEO_TOWER: r"^video_tower/",
+                      interface.PROJECTOR: r"^multi_modal_projector/"}
+
   def __init__(self, cfg: VideoLlavaConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
     self.config = cfg
@@ -57,6 +62,14 @@ class VideoLlava(nnx.Module):
     self.video_tower = VisionTower(cfg.vision, cfg.num_tower_layers, **kw)
     self.multi_modal_projector = Projector(cfg, **kw)
     self.language_model = Llama(cfg.text, **kw)
+
+  @property
+  def video(self) -> interface.VideoInput:
+    cfg = self.config
+    return interface.VideoInput(num_frames=cfg.vision.num_frames,
+                                frame_size=cfg.vision.image_size,
+                                token_id=cfg.video_token_id,
+                                num_tokens=cfg.num_video_tokens)
 
   def encode_video(self, videos_BxTxHxWx3: jax.Array) -> jax.Array:
     """Projected visual embeddings [B, num_video_tokens, text hidden], frame-major."""
