@@ -4,8 +4,8 @@ Real runs start from a checkpoint directory people bring (LLaVA-Hound-SFT)
 and their own jsonl files. Runs on the synthetic world (the smoke config, the
 demo) make theirs: the world's videos and jsonl files, a LLaMA-style tokenizer
 trained on the world's text and on every prompt the loop will send, and a tiny
-Video-LLaVA saved in the Hugging Face layout, so that every later stage loads
-it like any other checkpoint.
+model of the run's family (`model.family`) saved in its checkpoint layout, so
+that every later stage loads it like any other checkpoint.
 """
 import dataclasses
 import json
@@ -69,9 +69,11 @@ def world_text(paths: dict[str, pathlib.Path], prompts: judge.Prompts) -> list[s
 
 
 def tiny_model_config(cfg: ml_collections.ConfigDict, vocab_size: int,
-                      video_token_id: int) -> models.VideoLlavaConfig:
+                      video_token_id: int, family: str = models.registry.DEFAULT):
+  """The world's tiny model: a LLaMA decoder and a CLIP tower, as `family`'s
+  config (a Video-LLaVA config or one that extends it)."""
   m = cfg.model
-  return models.VideoLlavaConfig(
+  return models.registry.get(family).config(
       text=models.LlamaConfig(
           vocab_size=vocab_size, hidden_size=m.hidden_size,
           intermediate_size=m.intermediate_size, num_layers=m.num_layers,
@@ -85,16 +87,17 @@ def tiny_model_config(cfg: ml_collections.ConfigDict, vocab_size: int,
 
 
 def init_checkpoint(cfg: ml_collections.ConfigDict, world: dict[str, pathlib.Path],
-                    path: str | os.PathLike, prompts: judge.Prompts = judge.Prompts()
-                    ) -> pathlib.Path:
-  """A randomly initialised tiny model and its tokenizer at `path` (kept if there)."""
+                    path: str | os.PathLike, prompts: judge.Prompts = judge.Prompts(),
+                    family: str = models.registry.DEFAULT) -> pathlib.Path:
+  """A randomly initialised tiny model of `family` and its tokenizer at `path`
+  (kept if there)."""
   path = pathlib.Path(path)
   if (path / "config.json").exists():
     return path
   tokenizer = vocab.train_tokenizer(world_text(world, prompts), vocab_size=cfg.vocab_size)
   video_token_id = tokenizer.convert_tokens_to_ids("<video>")
-  model_cfg = tiny_model_config(cfg, len(tokenizer), video_token_id)
-  model = models.VideoLlava(model_cfg, rngs=nnx.Rngs(cfg.seed))
+  model_cfg = tiny_model_config(cfg, len(tokenizer), video_token_id, family)
+  model = models.registry.get(family).model(model_cfg, rngs=nnx.Rngs(cfg.seed))
   models.save_pretrained(model, path, tokenizer=tokenizer)
   return path
 
@@ -119,7 +122,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
                  tuple(config.eval.test_sets))
   world = write_world(config.world, workdir / "world")
   checkpoint = given(config.model.checkpoint) or init_checkpoint(
-      config.world, world, workdir / "init", judge.Prompts(**config.prompts))
+      config.world, world, workdir / "init", judge.Prompts(**config.prompts),
+      config.model.family)
   return Setup(checkpoint, given(config.data.prompts) or world["train_qa"],
                given(config.sft.data) or world["train_sft"], world["video_root"],
                tuple(config.eval.test_sets) or (os.fspath(world["test_qa"]),),

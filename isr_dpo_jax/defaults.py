@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
   # model.checkpoint / data.prompts / data.video_root set.
   c.world = ml_collections.config_dict.placeholder(ml_collections.ConfigDict)
   c.model = dict(
-      checkpoint="",  # pi_0: HF or original-layout directory
+      family="video_llava",  # models/registry.py: video_llava, pooled_video_llava
+      checkpoint="",  # pi_0: a directory in one of the family's layouts
       dtype="float32",  # compute dtype; parameters stay float32 (master weights)
   )
   c.data = dict(
@@ -92,7 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
       data="",  # instruction jsonl (QA and caption conversations)
       batch_size=8, epochs=1, learning_rate=2e-5, schedule="cosine",
       warmup_ratio=0.03, weight_decay=0.0,
-      frozen=(r"^video_tower/",),  # LLaVA's SFT trains projector and LLM
+      frozen=("video_tower",),  # LLaVA's SFT trains projector and LLM
   )
   c.eval = evaluate.default_config()
   c.eval.enabled = True  # evaluate pi_t at the start of each iteration

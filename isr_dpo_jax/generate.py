@@ -104,8 +104,6 @@ class _Batch:
 
 def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
              batch_size: int, pad_id: int, buckets: Sequence[int]):
-  vision = sampler.config.vision
-  video_shape = (vision.num_frames, vision.image_size, vision.image_size, 3)
   position = 0
   stream = iter(prompts)
   while True:
@@ -116,9 +114,9 @@ def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
         np.array([len(batch), longest, any_video]))
     if not real_anywhere:
       return
-    videos = (_videos(batch, batch_size, position, video_shape) if any_video
-              else None)
-    offset = sampler.config.num_video_tokens if any_video else 0
+    videos = (_videos(batch, batch_size, position, sampler.video.frames_shape)
+              if any_video else None)
+    offset = sampler.video.num_tokens if any_video else 0
     ids, mask = batching.pad(
         [np.asarray(p.token_ids, np.int32) for p in batch],
         batching.bucket_length(longest, buckets, offset), pad_id, left=True,

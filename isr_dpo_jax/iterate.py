@@ -164,8 +164,8 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   trainer = train.Trainer(policy.model, train_config(config), mesh,
                           total_steps=max(num_steps, 1))
   reference = (policy.model if config.dpo.reference == "previous" else
-               models.load_pretrained(setup.init_checkpoint, mesh=mesh,
-                                      dtype=jnp.dtype(config.model.dtype),
+               models.load_pretrained(setup.init_checkpoint, family=config.model.family,
+                                      mesh=mesh, dtype=jnp.dtype(config.model.dtype),
                                       param_dtype=jnp.float32))
   pairs = stages.reference_logps(pairs, it_dir / "pairs.jsonl", policy, trainer,
                                  nnx.to_pure_dict(nnx.state(reference)),

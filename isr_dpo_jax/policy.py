@@ -40,7 +40,7 @@ def save_params(params: dict, path: pathlib.Path) -> None:
   checkpointer.wait_until_finished()
 
 
-def load_params(model: models.VideoLlava, path: pathlib.Path) -> None:
+def load_params(model: models.VideoLanguageModel, path: pathlib.Path) -> None:
   """Restores `save_params` output into `model`, onto its current shardings."""
   state = nnx.state(model)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
@@ -65,8 +65,8 @@ def stable_uid(*parts) -> int:
 
 @dataclasses.dataclass
 class Policy:
-  """A Video-LLaVA with everything needed to prompt it."""
-  model: models.VideoLlava
+  """A model (models.VideoLanguageModel) with everything needed to prompt it."""
+  model: models.VideoLanguageModel
   tokenizer: object
   encoder: tokenize.TextEncoder
   sampler: sampling.Sampler
@@ -79,26 +79,26 @@ class Policy:
            video_root: str | os.PathLike, batch_size: int,
            buckets: Sequence[int], max_length: int = 2048,
            params_dir: str | os.PathLike | None = None,
-           dtype=jnp.float32,
+           family: str = models.registry.DEFAULT, dtype=jnp.float32,
            prepared_videos: str | os.PathLike | None = None) -> "Policy":
-    """pi_0 from a checkpoint directory; pi_t with the params saved in params_dir.
+    """pi_0 of `family` from a checkpoint directory; pi_t with the params
+    saved in params_dir.
 
     `dtype` is the compute dtype; parameters stay float32 (master weights).
     Videos are read from `prepared_videos` (video_cache.prepare) if given,
     else decoded from `video_root` each time.
     """
-    model = models.load_pretrained(checkpoint, dtype=dtype, param_dtype=jnp.float32,
-                                   mesh=mesh)
+    model = models.load_pretrained(checkpoint, family=family, dtype=dtype,
+                                   param_dtype=jnp.float32, mesh=mesh)
     if params_dir is not None:
       load_params(model, params_dir)
     tokenizer = models.load_tokenizer(checkpoint)
     tokenize.add_video_token(tokenizer)
     encoder = tokenize.TextEncoder(
-        tokenizer, templates.resolve(template), model.config.video_token_id,
-        model.config.num_video_tokens, max_length=max_length)
-    vision = model.config.vision
-    frames = video_cache.Frames(video_root, vision.num_frames,
-                                vision.image_size, prepared_videos)
+        tokenizer, templates.resolve(template), model.video.token_id,
+        model.video.num_tokens, max_length=max_length)
+    frames = video_cache.Frames(video_root, model.video.num_frames,
+                                model.video.frame_size, prepared_videos)
     return cls(model, tokenizer, encoder, sampling.Sampler(model, mesh),
                frames, batch_size, tuple(buckets))
 
@@ -115,13 +115,14 @@ class Policy:
         batch_size=per_process(config.sampling.batch_size,
                                "sampling.batch_size"),
         buckets=config.sampling.buckets, max_length=config.data.max_length,
-        params_dir=params_dir, dtype=jnp.dtype(config.model.dtype),
+        params_dir=params_dir, family=config.model.family,
+        dtype=jnp.dtype(config.model.dtype),
         prepared_videos=config.data.video_cache or None)
 
   def _stopping(self, params: sampling.SamplingParams) -> sampling.SamplingParams:
     """Stops at eos; never writes the video placeholder."""
     return dataclasses.replace(params, stop_ids=(self.tokenizer.eos_token_id,),
-                               banned_ids=(self.model.config.video_token_id,))
+                               banned_ids=(self.model.video.token_id,))
 
   def video(self, name: str) -> np.ndarray:
     """float32 [T, S, S, 3] pixels of a video; raises video.VideoError."""

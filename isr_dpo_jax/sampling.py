@@ -13,7 +13,7 @@ under the model's own distribution (untempered, unfiltered).
 Engine (`Sampler`). A jitted prefill encodes the videos and runs the
 left-padded prompts once, over their own keys, into a KV cache whose prefix
 (the prompts' keys) the n samples of a prompt share, plus max_new_tokens slots
-of each sample's own (see models.KVCache); a jitted
+of each sample's own (models/interface.py's prefill and decode); a jitted
 `lax.while_loop` then samples and feeds one token per step for every row, in
 place in the donated cache, until all rows hit a stop id or max_new_tokens.
 Sample j of prompt u draws with its own key, fold_in(fold_in(key(seed), u), j),
@@ -184,7 +184,7 @@ class _Decoding:
   last_tokens: jax.Array  # int32 [N]
   positions: jax.Array  # int32 [N]: position of the next token to feed
   valid: jax.Array  # bool [N, S]: cache slots holding real keys
-  cache: models.KVCache
+  cache: models.interface.Cache
   step: jax.Array  # int32: tokens sampled so far
 
 
@@ -332,9 +332,9 @@ class Sampler:
   shardings they have.
   """
 
-  def __init__(self, model: models.VideoLlava,
+  def __init__(self, model: models.VideoLanguageModel,
                mesh: jax.sharding.Mesh | None = None, *, cache_dtype=None):
-    self.config = model.config
+    self.video = model.video
     graphdef, self.state = nnx.split(model)
     self.mesh = mesh
     self._rows = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))

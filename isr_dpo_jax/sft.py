@@ -41,15 +41,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
     return out
   mesh = parallel.make_mesh(dict(config.mesh))
   setup = bootstrap.prepare(config, workdir)
-  model = models.load_pretrained(setup.init_checkpoint, mesh=mesh,
-                                 dtype=jnp.dtype(config.model.dtype), param_dtype=jnp.float32)
+  model = models.load_pretrained(setup.init_checkpoint, family=config.model.family,
+                                 mesh=mesh, dtype=jnp.dtype(config.model.dtype),
+                                 param_dtype=jnp.float32)
   tokenizer = models.load_tokenizer(setup.init_checkpoint)
   tokenize.add_video_token(tokenizer)
   encoder = tokenize.TextEncoder(
-      tokenizer, templates.resolve(config.data.template), model.config.video_token_id,
-      model.config.num_video_tokens, max_length=config.data.max_length)
-  vision = model.config.vision
-  frames = video_cache.Frames(setup.video_root, vision.num_frames, vision.image_size)
+      tokenizer, templates.resolve(config.data.template), model.video.token_id,
+      model.video.num_tokens, max_length=config.data.max_length)
+  frames = video_cache.Frames(setup.video_root, model.video.num_frames,
+                              model.video.frame_size)
   source = loader_lib.JsonlSource(setup.sft_data, "qa", frames, config.data.max_error_rate)
   cfg = config.sft
   num_steps = math.ceil(cfg.epochs * len(source) / cfg.batch_size)

@@ -15,10 +15,11 @@ global batch, no accumulator in the checkpointed optimizer state, and the
 step counter and learning-rate schedule count real updates. Microbatch j takes
 rows j, j + A, j + 2A, ... so that each device's rows split evenly.
 
-Frozen groups (config regexes over parameter paths such as
-`language_model/layers/3/mlp/up_proj/kernel`) get `optax.set_to_zero` in an
-`optax.multi_transform`, hence no optimizer state, and a stop_gradient in the
-forward pass, hence no gradient computation.
+Frozen parameters (`frozen` names the model's parameter groups, e.g.
+"video_tower" and "projector" (models/interface.py), or gives regexes over
+parameter paths such as `language_model/layers/3/mlp/up_proj/kernel`) get
+`optax.set_to_zero` in an `optax.multi_transform`, hence no optimizer state,
+and a stop_gradient in the forward pass, hence no gradient computation.
 
 bf16 compute with float32 master weights is a property of the model: load it
 with `dtype=jnp.bfloat16, param_dtype=jnp.float32`; parameters, gradients and
@@ -60,9 +61,9 @@ from isr_dpo_jax import parallel
 from isr_dpo_jax import settings
 from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import video
+from isr_dpo_jax.models import interface
 
 BATCH_AXES = ("data", "fsdp")
-VIDEO_MODULES = (r"^video_tower/", r"^multi_modal_projector/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ class TrainConfig:
   adam_eps: float = 1e-8
   max_grad_norm: float | None = 1.0
   grad_accum_steps: int = 1
-  frozen: tuple[str, ...] = VIDEO_MODULES
+  frozen: tuple[str, ...] = (interface.VIDEO_TOWER, interface.PROJECTOR)
   remat: str | None = None
   packed: bool = True
   beta: float = 0.1
@@ -130,9 +131,10 @@ def path_name(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def frozen_mask(params, patterns: Iterable[str]):
-  """True for each parameter whose path matches one of `patterns`."""
-  regexes = [re.compile(p) for p in patterns]
+def frozen_mask(params, frozen: Iterable[str], groups: dict[str, str]):
+  """True for each parameter in a `frozen` entry: a name of `groups` (a
+  model's `parameter_groups`) or else a regex over parameter paths."""
+  regexes = [re.compile(groups.get(entry, entry)) for entry in frozen]
   return jax.tree_util.tree_map_with_path(
       lambda path, _: any(r.search(path_name(path)) for r in regexes), params)
 
@@ -303,7 +305,7 @@ class Trainer:
   take global arrays.
   """
 
-  def __init__(self, model: nnx.Module, config: TrainConfig,
+  def __init__(self, model: interface.VideoLanguageModel, config: TrainConfig,
                mesh: jax.sharding.Mesh, *, total_steps: int):
     self.config = config
     self.mesh = mesh
@@ -313,9 +315,12 @@ class Trainer:
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(params))
     self.base = nnx.to_pure_dict(params) if config.lora.rank else None
     trained = jax.eval_shape(self._trained_params, self._abstract_params, 0)
-    self.frozen = frozen_mask(trained, config.frozen if self.base is None else ())
+    groups = model.parameter_groups
+    self.frozen = frozen_mask(trained, config.frozen if self.base is None else (), groups)
     # Under LoRA the tower trains only if it has adapters.
-    self.tower_frozen = all(jax.tree.leaves(self.frozen.get("video_tower", True)))
+    tower = frozen_mask(trained, (interface.VIDEO_TOWER,), groups)
+    self.tower_frozen = all(f for f, t in zip(jax.tree.leaves(self.frozen),
+                                              jax.tree.leaves(tower)) if t)
     self.schedule = learning_rate_schedule(config, total_steps)
     self.tx = make_optimizer(config, self.schedule, self.frozen)
     trained_shardings = (self.param_shardings if self.base is None else

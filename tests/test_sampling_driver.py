@@ -51,7 +51,7 @@ def prompts(sampler):
   clips = [video.preprocess(video.read_video(p, ref.NUM_FRAMES), ref.IMAGE_SIZE)
            for p in sorted(VIDEOS.glob("*.mp4"))]
   rng = np.random.default_rng(0)
-  placeholders = [ref.VIDEO_ID] * sampler.config.num_video_tokens
+  placeholders = [ref.VIDEO_ID] * sampler.video.num_tokens
   return [generate.Prompt([1] + placeholders + rng.integers(4, 90, n).tolist(),
                           clips[i % len(clips)], uid=uid)
           for i, (n, uid) in enumerate(
@@ -69,7 +69,7 @@ def test_results_come_in_input_order_and_equal_direct_calls(
     # by its uid, whatever shares its batch.
     uid = position if prompt.uid is None else prompt.uid
     rows = batching.collate_prompts([np.asarray(prompt.token_ids)], 2, 0,
-                                    prompt_offset=sampler.config.num_video_tokens)
+                                    prompt_offset=sampler.video.num_tokens)
     videos = np.stack([prompt.video, np.zeros_like(prompt.video)])
     direct = sampler(rows.prompt_ids, rows.prompt_mask, videos,
                      np.array([uid, 0], np.int32), PARAMS, num_samples=2,

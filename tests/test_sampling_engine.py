@@ -63,7 +63,7 @@ def _hf_greedy(hf, ids, mask, videos, steps, eos):
 
 def test_greedy_matches_transformers_generate(checkpoint, sampler):
   hf, _ = checkpoint
-  ids, mask, videos = _prompts(sampler.config.num_video_tokens)
+  ids, mask, videos = _prompts(sampler.video.num_tokens)
   steps = 12
   free_run, _ = _hf_greedy(hf, ids, mask, videos, steps, eos=None)
   eos = int(free_run[0, 4])  # row 0 stops by step 4, others may run on
@@ -71,7 +71,7 @@ def test_greedy_matches_transformers_generate(checkpoint, sampler):
   params = sampling.SamplingParams(temperature=0, max_new_tokens=steps,
                                    stop_ids=(eos,))
   for extra_padding in (0, 5):  # a wider bucket changes nothing
-    ids_p, mask_p, _ = _prompts(sampler.config.num_video_tokens,
+    ids_p, mask_p, _ = _prompts(sampler.video.num_tokens,
                                 extra_padding=extra_padding)
     got = sampler(ids_p, mask_p, videos, _uids(len(ids)), params)
     for row in range(len(ids)):
@@ -106,7 +106,7 @@ def test_first_token_follows_the_filtered_softmax(model, sampler, temperature,
 
 
 def test_n_samples_from_one_prefill_equal_independent_runs(sampler):
-  ids, mask, videos = _prompts(sampler.config.num_video_tokens, seed=5)
+  ids, mask, videos = _prompts(sampler.video.num_tokens, seed=5)
   shared = sampler(ids, mask, videos, _uids(len(ids)), SAMPLE, num_samples=3)
   for j in range(3):
     alone = sampler(ids, mask, videos, _uids(len(ids)), SAMPLE, first_sample=j)
@@ -119,7 +119,7 @@ def test_n_samples_from_one_prefill_equal_independent_runs(sampler):
 
 
 def test_samples_do_not_depend_on_batch_composition(sampler):
-  ids, mask, videos = _prompts(sampler.config.num_video_tokens, seed=6)
+  ids, mask, videos = _prompts(sampler.video.num_tokens, seed=6)
   uids = _uids(len(ids))
   together = sampler(ids, mask, videos, uids, SAMPLE, num_samples=2, seed=9)
   order = [2, 0, 3, 1]
@@ -155,7 +155,7 @@ def test_sharded_generation_equals_single_device(checkpoint, sampler):
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = sampling.Sampler(models.load_pretrained(checkpoint[1], mesh=mesh),
                              mesh)
-  ids, mask, videos = _prompts(sampler.config.num_video_tokens, seed=11)
+  ids, mask, videos = _prompts(sampler.video.num_tokens, seed=11)
   for params in (SAMPLE, sampling.SamplingParams(temperature=0, max_new_tokens=8)):
     want = sampler(ids, mask, videos, _uids(4), params, num_samples=2)
     got = sharded(ids, mask, videos, _uids(4), params, num_samples=2)

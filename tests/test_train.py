@@ -332,8 +332,8 @@ def test_frozen_reference_model_equals_stored_reference_logps(setup, single):
 
 
 @pytest.mark.parametrize("frozen,trained", [
-    (train.VIDEO_MODULES, {"language_model"}),  # DPO: the lineage's recipe
-    ((r"^video_tower/",), {"language_model", "multi_modal_projector"}),  # SFT
+    (train.TrainConfig.frozen, {"language_model"}),  # DPO: the lineage's recipe
+    (("video_tower",), {"language_model", "multi_modal_projector"}),  # SFT
     ((), {"language_model", "multi_modal_projector", "video_tower"}),
 ])
 def test_an_update_trains_exactly_the_unfrozen_modules(setup, frozen, trained):

@@ -66,8 +66,10 @@ class TextEncoder:
       that knows `template.video_token` as a special token (see
       `add_video_token`).
     template: the conversation template.
-    video_token_id: the model's id for video positions.
-    num_video_tokens: visual embeddings per video (e.g. 8 x 256).
+    video_token_id: the model's id for video positions (`model.video`,
+      models/interface.py).
+    num_video_tokens: visual embeddings per video (e.g. 8 x 256), the model's
+      `video.num_tokens`.
     max_length: the most tokens of prompt plus response.
     min_response_tokens: the fewest answer tokens a truncated response keeps.
   """

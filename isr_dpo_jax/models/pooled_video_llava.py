@@ -5,9 +5,10 @@ grid with stride 2 (`spatial_pool_stride`, mode "average") between the tower
 and the projector, so a 24 x 24 grid of patches enters the language model as
 12 x 12 embeddings. Tower, projector and decoder are Video-LLaVA's
 (video_llava.py); only `tower_features`, and so the number of video tokens,
-differ. The second family behind models/interface.py (tests/test_families.py
-runs the loop on it). Its checkpoints are Video-LLaVA's "original" layout
-with LLaVA-NeXT-Video's pooling keys in config.json.
+differ. The second family behind models/interface.py
+(tests/test_model_families.py runs the loop on it). Its checkpoints are
+Video-LLaVA's "original" layout with LLaVA-NeXT-Video's pooling keys in
+config.json.
 """
 import dataclasses
 import os
