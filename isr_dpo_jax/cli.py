@@ -33,6 +33,7 @@ COMMANDS = {
     "sft": ("isr_dpo_jax.sft", "supervised fine-tuning on instruction data"),
     "eval": ("isr_dpo_jax.evaluate", "VideoQA evaluation of a checkpoint"),
     "demo": ("isr_dpo_jax.demo", "the built-in synthetic-world experiment"),
+    "plan": ("isr_dpo_jax.plan", "compile a run for a TPU slice: memory, time"),
     "prepare-videos": ("isr_dpo_jax.prepare_videos",
                        "decode the run's videos once (data.video_cache)"),
 }
@@ -77,6 +78,7 @@ class Invocation:
   coordinator: str | None = None
   num_processes: int | None = None
   process_id: int | None = None
+  options: dict = dataclasses.field(default_factory=dict)  # the command's own
 
 
 def _usage() -> str:
@@ -99,6 +101,10 @@ def _flags(command: str) -> flags.FlagValues:
   flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
   flags.DEFINE_bool("verbose", False, "tracebacks for user errors too "
                     "(or ISR_DPO_VERBOSE=1)", flag_values=fv)
+  if command == "plan":
+    flags.DEFINE_string("topology", None, "the TPU slice to plan for, "
+                        "<chip>:<shape> (e.g. v5p:2x2x2); default: this host's "
+                        "devices", flag_values=fv)
   return fv
 
 
@@ -131,13 +137,14 @@ def parse(argv: list[str]) -> Invocation:
     raise errors.UserError(f"--{e.flagname}: no such flag{hint}") from e
   except flags.Error as e:
     raise errors.UserError(str(e)) from e
-  if fv.config is None or fv.workdir is None:
+  if fv.config is None or (fv.workdir is None and command != "plan"):
     raise errors.UserError(f"--config and --workdir are required: isr-dpo "
                            f"{command} --config=<file.py> --workdir=<dir>")
   config = _with_overrides(load_config(fv.config), overrides, argv[0])
   settings.validate(config, command)
+  options = {"topology": fv.topology} if command == "plan" else {}
   return Invocation(command, config, fv.workdir, fv.coordinator,
-                    fv.num_processes, fv.process_id)
+                    fv.num_processes, fv.process_id, options)
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -188,7 +195,7 @@ def _run(invocation: Invocation) -> None:
   distributed.initialize(invocation.coordinator, invocation.num_processes,
                          invocation.process_id)
   module = importlib.import_module(COMMANDS[invocation.command][0])
-  module.main(invocation.config, invocation.workdir)
+  module.main(invocation.config, invocation.workdir, **invocation.options)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -229,6 +229,8 @@ def _check_inputs(config: ml_collections.ConfigDict, command: str) -> None:
   elif command == "demo":
     raise ConfigError("world=None: the demo runs on the synthetic world; for "
                       "your own data use `isr-dpo sft`, `iterate` and `eval`")
+  if command == "plan":  # compiles programs, reads no inputs
+    return
   own_data = config.world is None
   needed = {"model.checkpoint": own_data, "data.video_root": own_data,
             "data.prompts": own_data and command == "iterate",
