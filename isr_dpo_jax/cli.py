@@ -12,8 +12,11 @@ ISR_DPO_VERBOSE=1 shows its traceback.
 import ast
 import dataclasses
 import difflib
+import functools
 import importlib
 import importlib.util
+import logging
+import operator
 import os
 import re
 import sys
@@ -38,6 +41,70 @@ COMMANDS = {
                        "decode the run's videos once (data.video_cache)"),
 }
 DEFAULT_CONFIGS = {"demo": "configs/demo.py"}
+_PROMPTS = (
+    ("world", "the built-in synthetic world; None: your own data (below)"),
+    ("model.checkpoint", "pi_0's checkpoint directory (model.family's layout)"),
+    ("data.prompts", "QA jsonl of the (video, question) prompts"),
+    ("data.video_root", "the folder the records' video paths start from"),
+)
+# Each command's main config keys, which `isr-dpo <command> --help` shows with
+# their values in the config that the command would run.
+KNOBS = {
+    "iterate": (
+        ("iterations", "ISR-DPO iterations T"),
+        *_PROMPTS,
+        ("data.prompts_per_iteration", "prompts per iteration; 0: all of them"),
+        ("judge.mode", "the loop's self-judge: likelihood or generative"),
+        ("judge.threshold", "least averaged P(winner) of a kept pair"),
+        ("dpo.beta", "DPO's beta: the pull toward the reference"),
+        ("dpo.reference", "previous (pi_t) or initial (pi_0)"),
+        ("train.learning_rate", "DPO's learning rate"),
+        ("train.epochs", "DPO epochs over each iteration's pairs"),
+        ("train.lora.rank", "LoRA adapters' rank; 0: full fine-tuning"),
+        ("eval.enabled", "evaluate pi_t at the start of each iteration"),
+        ("mesh", "device mesh axes' sizes; -1: the remaining devices"),
+    ),
+    "sft": (
+        ("model.checkpoint", "the checkpoint directory to fine-tune"),
+        ("sft.data", "instruction jsonl (QA and caption conversations)"),
+        ("data.video_root", "the folder the records' video paths start from"),
+        ("sft.epochs", "epochs over sft.data"),
+        ("sft.learning_rate", "peak learning rate"),
+        ("sft.batch_size", "examples per step, over all devices"),
+        ("sft.frozen", "parameter groups (or regexes) not trained"),
+    ),
+    "eval": (
+        ("model.checkpoint", "the checkpoint directory to evaluate"),
+        ("eval.params_dir", "a saved policy (iter_<t>/policy); '': the checkpoint's"),
+        ("eval.test_sets", "test sets to answer"),
+        ("eval.test_root", "the folder of {name}.qa.jsonl test files"),
+        ("eval.scoring", "judge (an LLM endpoint) or match (exact match)"),
+        ("eval.judge.model", "the evaluation judge's model name"),
+        ("eval.judge.base_url", "its endpoint; None: OPENAI_BASE_URL"),
+    ),
+    "demo": (
+        ("iterations", "ISR-DPO iterations of each arm"),
+        ("seed", "seeds the world, the models and the sampling"),
+        ("demo.mix_clips", "training clips of SFT stage 2's mix"),
+        ("sft.epochs", "SFT stage 2's epochs"),
+        ("judge.mode", "the loop's self-judge: likelihood or generative"),
+        ("train.learning_rate", "DPO's learning rate"),
+    ),
+    "plan": (
+        ("mesh", "device mesh axes' sizes; -1: the remaining devices"),
+        ("model.dtype", "compute dtype (parameters stay float32)"),
+        ("train.batch_size", "DPO pairs per step, over all devices"),
+        ("train.grad_accum_steps", "micro-batches per step"),
+        ("train.remat", "rematerialisation policy; None: none"),
+        ("data.max_length", "longest tokenised example"),
+    ),
+    "prepare-videos": (
+        *_PROMPTS,
+        ("data.video_cache", "where the decoded videos go"),
+        ("eval.test_sets", "test sets whose videos are prepared too"),
+        ("eval.test_root", "the folder of {name}.qa.jsonl test files"),
+    ),
+}
 # Errors that the user fixes: one line, exit status 2. A missing file's
 # message names the file.
 USER_ERRORS = (errors.UserError, FileNotFoundError)
@@ -82,9 +149,49 @@ class Invocation:
 
 
 def _usage() -> str:
-  lines = ["usage: isr-dpo <command> --config=<file.py> --workdir=<dir> [--config.x=y]"]
-  lines += [f"  {name:8s} {doc}" for name, (_, doc) in COMMANDS.items()]
+  width = max(map(len, COMMANDS))
+  lines = ["usage: isr-dpo <command> --config=<file.py> --workdir=<dir> "
+           "[--config.<key>=<value> ...]", "", "commands:"]
+  lines += [f"  {name:{width}s}  {doc}" for name, (_, doc) in COMMANDS.items()]
+  lines += ["", "isr-dpo <command> --help: the command's flags and main config keys"]
   return "\n".join(lines)
+
+
+def _help(command: str, fv: flags.FlagValues, overrides: list[str],
+          program: str) -> str:
+  """The command's flags, and its main config keys (KNOBS) with their values
+  in the config it would run: --config's with the overrides, or defaults.py's."""
+  if fv.config is None:
+    from isr_dpo_jax import defaults  # pylint: disable=g-import-not-at-top
+    config, source = defaults.get_config(), "isr_dpo_jax/defaults.py"
+  else:
+    config, source = load_config(fv.config), fv.config
+  config = _with_overrides(config, overrides, program)
+  known = set(settings.keys(config))
+  value_of = lambda key: functools.reduce(operator.getitem, key.split("."), config)
+  knobs = [(f"{key}={_short(value_of(key))}", doc)
+           for key, doc in KNOBS[command] if key in known]
+  flag_lines = [(f"--{name}", fv[name].help + (
+      f" (default: {fv[name].default})" if fv[name].default else ""))
+                for name in fv]
+  width = max(len(left) for left, _ in flag_lines + knobs if len(left) <= 36)
+  row = lambda left, doc: (f"  {left:{width}s}  {doc}" if len(left) <= width
+                           else f"  {left}\n  {'':{width}s}  {doc}")
+  return "\n".join([
+      f"usage: isr-dpo {command} --config=<file.py> --workdir=<dir> "
+      "[--config.<key>=<value> ...]", "", COMMANDS[command][1], "", "flags:",
+      *(row(*line) for line in flag_lines), "",
+      f"main config keys (--config.<key>=<value>; values of {source}):",
+      *(row(*knob) for knob in knobs)])
+
+
+def _short(value) -> str:
+  """A config value in 40 characters at most; a long sub-config by its keys."""
+  sub = isinstance(value, ml_collections.ConfigDict)
+  text = repr(value.to_dict() if sub else value)
+  if sub and len(text) > 40:
+    text = "{" + ", ".join(value) + "}"
+  return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _flags(command: str) -> flags.FlagValues:
@@ -123,11 +230,10 @@ def parse(argv: list[str]) -> Invocation:
     raise errors.UserError(f"no command {command!r}{hint} "
                            f"(commands: {', '.join(COMMANDS)})")
   fv = _flags(command)
-  if any(arg in _HELP for arg in argv[2:]):
-    print(_usage() + "\n\n" + fv.get_help(include_special_flags=False))
-    sys.exit(0)
   overrides = [arg for arg in argv[2:] if _OVERRIDE.match(arg)]
   rest = [arg for arg in argv[2:] if not _OVERRIDE.match(arg)]
+  wants_help = any(arg in _HELP for arg in rest)
+  rest = [arg for arg in rest if arg not in _HELP]
   try:
     absl_args = fv([argv[0]] + rest, known_only=True)
     flags.FLAGS(absl_args)  # what remains must be absl's (--verbosity, ...)
@@ -137,6 +243,9 @@ def parse(argv: list[str]) -> Invocation:
     raise errors.UserError(f"--{e.flagname}: no such flag{hint}") from e
   except flags.Error as e:
     raise errors.UserError(str(e)) from e
+  if wants_help:
+    print(_help(command, fv, overrides, argv[0]))
+    sys.exit(0)
   if fv.config is None or (fv.workdir is None and command != "plan"):
     raise errors.UserError(f"--config and --workdir are required: isr-dpo "
                            f"{command} --config=<file.py> --workdir=<dir>")
@@ -198,8 +307,22 @@ def _run(invocation: Invocation) -> None:
   module.main(invocation.config, invocation.workdir, **invocation.options)
 
 
+def _quiet_start_up() -> None:
+  """Silences what every run would print before its work, and no warning.
+
+  transformers advises that PyTorch is absent (the models here are JAX; its
+  advisories, and only they, obey TRANSFORMERS_NO_ADVISORY_WARNINGS); JAX
+  logs at INFO each backend it probes and does not find (a TPU on a GPU or CPU
+  host). JAX_LOGGING_LEVEL, read when jax is imported later, still sets the
+  level of JAX's logs.
+  """
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+  logging.getLogger("jax").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
+  _quiet_start_up()
   verbose = "--verbose" in argv or os.environ.get("ISR_DPO_VERBOSE") == "1"
   try:
     app.run(_run, argv=argv, flags_parser=parse)

@@ -107,7 +107,7 @@ def initialize(coordinator=None, num_processes=None, process_id=None,
   layout = resolve_layout(coordinator, num_processes, process_id,
                           local_device_ids)
   if layout is None:
-    logging.info("Single process: jax.distributed not started.")
+    logging.debug("Single process: jax.distributed not started.")
     return None
   joined = threading.Event()
   threading.Thread(target=_exit_unless_joined, args=(joined, layout, timeout_s),

@@ -105,8 +105,35 @@ def test_the_world_switches_off_on_the_command_line(tmp_path, capsys):
   assert "the demo runs on the synthetic world" in err
 
 
-def test_help_lists_the_flags(capsys):
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_a_command_s_help_lists_its_flags_and_main_keys(command, capsys):
   with pytest.raises(SystemExit) as exit_:
-    cli.main(["isr-dpo", "iterate", "--help"])
+    cli.main(["isr-dpo", command, "--help"])
   assert exit_.value.code == 0
-  assert "--workdir" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  for name in cli._flags(command):
+    assert f"  --{name} " in out
+  config = cli.load_config(cli.DEFAULT_CONFIGS.get(command, SMOKE))
+  known = set(settings.keys(config))
+  for key, meaning in cli.KNOBS[command]:
+    assert key in known  # a renamed key is renamed here too
+    assert f"  {key}=" in out and meaning in out
+
+
+def test_help_shows_the_values_of_the_config_and_its_overrides(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["isr-dpo", "iterate", f"--config={SMOKE}", "--config.dpo.beta=0.25",
+              "--help"])
+  out = capsys.readouterr().out
+  assert f"values of {SMOKE}" in out
+  assert "  iterations=2 " in out and "  dpo.beta=0.25 " in out
+
+
+def test_the_command_list_lines_up(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["isr-dpo", "--help"])
+  rows = [line for line in capsys.readouterr().out.splitlines()
+          if line.split() and line.split()[0] in cli.COMMANDS]
+  assert len(rows) == len(cli.COMMANDS)
+  starts = {line.index(doc) for line, (_, doc) in zip(rows, cli.COMMANDS.values())}
+  assert len(starts) == 1, rows
