@@ -9,11 +9,13 @@ lengths beside them (this is also how reference log-probs are stored with the
 pairs); `dpo_loss` turns them into per-token means where the loss asks for it,
 so no caller has to know which aggregation a loss type wants.
 
-`dpo_loss` works pair by pair (losses and metrics [B]), so that a caller
-can average over any set of pairs, e.g. a microbatch's share of a larger
-batch; it stays finite on the dummy pairs that fill a short last batch
-(`data/batching.py`, all tokens masked). `dpo_objective` averages over the
-real pairs: those whose chosen response has tokens.
+`dpo_loss` works pair by pair (losses and metrics [B]) and stays finite on
+the dummy pairs that fill a short last batch (`data/batching.py`, all tokens
+masked). The objectives, `dpo_objective` and `sft_objective`, are what
+training differentiates (train.py runs the model, they do the rest): each
+returns a batch's SHARE of a larger batch's objective, its means taken over
+the real pairs and tokens of the whole batch, so that the shares of the
+microbatches of a gradient-accumulated batch add up to the exact objective.
 """
 from typing import Literal
 
@@ -45,16 +47,6 @@ def response_logps(logits_BxTxV, targets_BxT, mask_BxT):
   count_B = mask_BxT.sum(axis=-1, dtype=jnp.int32)
   mean_B = sum_B / jnp.maximum(count_B, 1)
   return sum_B, mean_B, count_B
-
-
-def sft_loss(logits_BxTxV, targets_BxT, mask_BxT):
-  """Masked token cross-entropy, averaged over all masked tokens of the batch.
-
-  Token-weighted like torch's CrossEntropyLoss(ignore_index=-100), which the
-  lineage's trainer uses for its SFT term.
-  """
-  sum_B, _, count_B = response_logps(logits_BxTxV, targets_BxT, mask_BxT)
-  return _token_mean_nll(sum_B, count_B)
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps,
@@ -130,47 +122,60 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps,
 
 
 def dpo_objective(logits_2BxTxV, targets_2BxT, mask_2BxT,
-                  reference_chosen_logps, reference_rejected_logps, *,
-                  dpo_alpha=1.0, gamma=0.0, **dpo_kwargs):
-  """dpo_alpha * mean(L_dpo) + gamma * CE(chosen), and its metrics.
+                  reference_chosen_B, reference_rejected_B, real_B, *,
+                  num_pairs, num_chosen_tokens, dpo_alpha=1.0, gamma=0.0,
+                  **loss_options):
+  """This batch's share of dpo_alpha * mean(L_dpo) + gamma * CE(chosen).
 
   Runs on the policy's response logits only (see `packing.read_responses`);
-  reference log-probs come precomputed, as stored with the pairs.
+  reference log-probs come precomputed, as stored with the pairs. The mean
+  of L_dpo (and of each metric) is over the `num_pairs` real pairs of the
+  whole batch, the cross-entropy a token mean over its `num_chosen_tokens`
+  chosen tokens: so the shares of a batch's microbatches add up to the
+  exact objective of the batch (on a whole batch, pass its own counts).
 
   Args:
     logits_2BxTxV: policy logits scoring the responses, chosen rows first
       (`packing.read_responses` returns them in this layout).
     targets_2BxT: response tokens, chosen rows then rejected rows.
     mask_2BxT: the response tokens that count.
-    reference_chosen_logps: [B] summed reference log-probs of y_w.
-    reference_rejected_logps: [B] summed reference log-probs of y_l.
+    reference_chosen_B: summed reference log-probs of y_w.
+    reference_rejected_B: summed reference log-probs of y_l.
+    real_B: the pairs that count; dummy pairs (False) count for nothing.
+    num_pairs: real pairs in the whole batch (at least 1).
+    num_chosen_tokens: chosen tokens in the whole batch (at least 1).
     dpo_alpha: weight of the DPO term.
     gamma: weight of the SFT cross-entropy on the chosen responses.
-    **dpo_kwargs: `dpo_loss` options (beta, loss_type, ...).
+    **loss_options: `dpo_loss` options (beta, loss_type, ...).
 
   Returns:
-    (total scalar loss, metrics): `dpo_loss`'s metrics averaged over the real
-    pairs, and losses/{dpo, sft, total}, each before its weight but the total.
+    (loss, metrics): `dpo_loss`'s metrics as shares of their means, "loss"
+    and losses/{dpo, sft}, each of these two before its weight.
   """
   sum_2B, _, count_2B = response_logps(logits_2BxTxV, targets_2BxT, mask_2BxT)
-  chosen_logps, rejected_logps = jnp.split(sum_2B, 2)
-  chosen_lengths, rejected_lengths = jnp.split(count_2B, 2)
+  chosen_logps_B, rejected_logps_B = jnp.split(sum_2B, 2)
+  chosen_lengths_B, rejected_lengths_B = jnp.split(count_2B, 2)
   losses_B, metrics_B = dpo_loss(
-      chosen_logps, rejected_logps, reference_chosen_logps,
-      reference_rejected_logps, chosen_lengths=chosen_lengths,
-      rejected_lengths=rejected_lengths, **dpo_kwargs)
-  real_B = chosen_lengths > 0
-  dpo_term = _mean_over(losses_B, real_B)
-  sft_term = _token_mean_nll(chosen_logps, chosen_lengths)
+      chosen_logps_B, rejected_logps_B, reference_chosen_B,
+      reference_rejected_B, chosen_lengths=chosen_lengths_B,
+      rejected_lengths=rejected_lengths_B, **loss_options)
+  share = lambda x_B: jnp.where(real_B, x_B, 0).sum() / num_pairs
+  dpo_term = share(losses_B)
+  sft_term = -chosen_logps_B.sum() / num_chosen_tokens
   total = dpo_alpha * dpo_term + gamma * sft_term
-  metrics = {name: _mean_over(x_B, real_B) for name, x_B in metrics_B.items()}
-  return total, metrics | {"losses/dpo": dpo_term, "losses/sft": sft_term,
-                           "losses/total": total}
+  metrics = {name: share(x_B) for name, x_B in metrics_B.items()}
+  return total, metrics | {"loss": total, "losses/dpo": dpo_term,
+                           "losses/sft": sft_term}
 
 
-def _token_mean_nll(sum_B, count_B):
-  return -sum_B.sum() / jnp.maximum(count_B.sum(), 1)
+def sft_objective(logits_BxTxV, targets_BxT, mask_BxT, *, num_tokens):
+  """This batch's share of the token-mean cross-entropy of a larger batch.
 
-
-def _mean_over(x_B, real_B):
-  return jnp.where(real_B, x_B, 0).sum() / jnp.maximum(real_B.sum(), 1)
+  The masked tokens' negative log-likelihood summed, over the `num_tokens`
+  masked tokens of the whole batch (at least 1), so that microbatch shares
+  add up. Token-weighted like torch's CrossEntropyLoss(ignore_index=-100),
+  which the lineage's trainer uses for its SFT term. Returns (loss, metrics).
+  """
+  sum_B, _, _ = response_logps(logits_BxTxV, targets_BxT, mask_BxT)
+  loss = -sum_B.sum() / num_tokens
+  return loss, {"loss": loss}

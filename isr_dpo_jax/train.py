@@ -36,11 +36,10 @@ parameters are the frozen base, an argument of every step, never in the state
 or its checkpoints. `Trainer.model_params` merges the adapters into the base.
 """
 from collections.abc import Callable, Iterable, Iterator
-import dataclasses
 import functools
 import re
 import time
-from typing import Any, Literal
+from typing import Any
 
 import flax.struct
 import jax
@@ -58,58 +57,12 @@ from isr_dpo_jax import lora as lora_lib
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import packing
 from isr_dpo_jax import parallel
-from isr_dpo_jax import settings
+from isr_dpo_jax.settings import TrainConfig  # with the other typed settings, jax-free
 from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import video
 from isr_dpo_jax.models import interface
 
 BATCH_AXES = ("data", "fsdp")
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """One training stage; the defaults are the lineage's DPO recipe.
-
-  LLaVA-Hound-DPO (METHOD.md section 3): AdamW at 5e-7, linear decay after
-  10% warmup, beta 0.1, sigmoid loss, the video tower and projector frozen.
-  `max_grad_norm` 1.0 and no weight decay are HF Trainer's defaults, which
-  that recipe keeps. Weight decay, when set, skips 1-D parameters (norms and
-  biases), as HF Trainer does. `remat` names a `jax.checkpoint_policies`
-  policy applied to every decoder layer, e.g. "nothing_saveable" (keep only
-  layer inputs) or "dots_with_no_batch_dims_saveable" (keep the projections,
-  recompute attention and activations); None stores everything.
-  `grad_accum_steps` microbatches make one update (the batch must split
-  evenly); `packed` puts prompt, chosen and rejected in one row per pair.
-  `lora` with a rank > 0 trains low-rank adapters on its target kernels
-  instead of the model (lora.py); the whole model is then frozen and
-  `frozen` is not used.
-  """
-  learning_rate: float = 5e-7
-  schedule: Literal[settings.SCHEDULES] = "linear"
-  warmup_ratio: float = 0.1
-  weight_decay: float = 0.0
-  adam_b1: float = 0.9
-  adam_b2: float = 0.999
-  adam_eps: float = 1e-8
-  max_grad_norm: float | None = 1.0
-  grad_accum_steps: int = 1
-  frozen: tuple[str, ...] = (interface.VIDEO_TOWER, interface.PROJECTOR)
-  remat: str | None = None
-  packed: bool = True
-  beta: float = 0.1
-  loss_type: dpo.LossType = "sigmoid"
-  label_smoothing: float = 0.0
-  length_penalty: float = 0.0
-  length_normalized: bool = False
-  dpo_alpha: float = 1.0
-  gamma: float = 0.0
-  lora: lora_lib.Config = lora_lib.Config()
-
-  def dpo_loss_options(self) -> dict[str, Any]:
-    """Keyword arguments of `dpo.dpo_loss`."""
-    names = ("beta", "loss_type", "label_smoothing", "length_penalty",
-             "length_normalized")
-    return {name: getattr(self, name) for name in names}
 
 
 @flax.struct.dataclass
@@ -199,58 +152,38 @@ def _logits(model, rows: packing.Rows, visual, remat: str | None = None):
   return model.logits(packing.read_responses(hidden_NxLxD, rows))
 
 
-def _response_logps(model, batch: batching.PreferenceBatch, feats_BxNxD,
-                    packed: bool, remat: str | None = None):
-  """Policy log-probs (sums) and lengths: chosen [B] and rejected [B] each."""
-  rows = packing.dpo_rows(batch, packed=packed)
-  sum_2B, _, count_2B = dpo.response_logps(
-      _logits(model, rows, feats_BxNxD, remat), rows.targets, rows.target_mask)
-  return jnp.split(sum_2B, 2), jnp.split(count_2B, 2)
-
-
 def pair_logps(model, batch: batching.PreferenceBatch, feats_BxNxD, *,
                packed: bool):
   """Summed log-probs of the chosen and of the rejected responses, [B] each."""
-  logps, _ = _response_logps(model, batch, feats_BxNxD, packed)
-  return tuple(logps)
+  rows = packing.dpo_rows(batch, packed=packed)
+  sum_2B, _, _ = dpo.response_logps(_logits(model, rows, feats_BxNxD),
+                                    rows.targets, rows.target_mask)
+  return tuple(jnp.split(sum_2B, 2))
 
 
 def model_dpo_loss(model, batch: batching.PreferenceBatch, feats_BxNxD,
                   reference_chosen_B, reference_rejected_B,
                   config: TrainConfig, *, num_pairs, num_chosen_tokens):
-  """(loss, metrics): this batch's share of a larger batch's DPO objective.
-
-  dpo_alpha * mean over real pairs of L_dpo + gamma * token-mean chosen NLL,
-  with the means taken over `num_pairs` real pairs and `num_chosen_tokens`
-  chosen tokens of the whole (accumulated) batch, so that microbatch shares
-  add up to the exact objective. Dummy rows (`batch.is_real` False) count
-  for nothing. The reference log-probs are data.
-  """
-  logps, lengths = _response_logps(model, batch, feats_BxNxD, config.packed,
-                                   config.remat)
-  losses_B, metrics_B = dpo.dpo_loss(
-      *logps, reference_chosen_B, reference_rejected_B,
-      chosen_lengths=lengths[0], rejected_lengths=lengths[1],
+  """`dpo.dpo_objective` of `model`'s response logits: (loss, metrics), this
+  batch's share of the objective of a batch of `num_pairs` real pairs and
+  `num_chosen_tokens` chosen tokens. The reference log-probs are data."""
+  rows = packing.dpo_rows(batch, packed=config.packed)
+  return dpo.dpo_objective(
+      _logits(model, rows, feats_BxNxD, config.remat), rows.targets,
+      rows.target_mask, reference_chosen_B, reference_rejected_B,
+      batch.is_real, num_pairs=num_pairs, num_chosen_tokens=num_chosen_tokens,
+      dpo_alpha=config.dpo_alpha, gamma=config.gamma,
       **config.dpo_loss_options())
-  real_B = batch.is_real
-  share = lambda x_B: jnp.where(real_B, x_B, 0).sum() / num_pairs
-  dpo_term = share(losses_B)
-  sft_term = -logps[0].sum() / num_chosen_tokens
-  total = config.dpo_alpha * dpo_term + config.gamma * sft_term
-  metrics = {name: share(x_B) for name, x_B in metrics_B.items()}
-  return total, metrics | {"loss": total, "losses/dpo": dpo_term,
-                           "losses/sft": sft_term}
 
 
 def model_sft_loss(model, batch: batching.SftBatch, feats_BxNxD, *,
                    num_tokens, remat: str | None = None):
-  """This batch's share of the token-mean cross-entropy over `num_tokens`."""
+  """`dpo.sft_objective` of `model`'s target logits: this batch's share of
+  the token-mean cross-entropy over `num_tokens`."""
   rows = packing.plain_rows(batch.prompt_ids, batch.prompt_mask,
                             batch.target_ids[None], batch.target_mask[None])
-  sum_B, _, _ = dpo.response_logps(_logits(model, rows, feats_BxNxD, remat),
-                                   rows.targets, batch.loss_mask)
-  loss = -sum_B.sum() / num_tokens
-  return loss, {"loss": loss}
+  return dpo.sft_objective(_logits(model, rows, feats_BxNxD, remat),
+                           rows.targets, batch.loss_mask, num_tokens=num_tokens)
 
 
 # ---------------------------------------------------------------------------

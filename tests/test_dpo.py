@@ -155,14 +155,44 @@ def test_response_logps_backward_needs_no_vocab_sized_buffer():
   assert memory.temp_size_in_bytes < np.prod(shape) * 4 / 8
 
 
-def test_sft_loss_matches_torch_cross_entropy(response_batch):
+def test_sft_objective_matches_torch_cross_entropy(response_batch):
   logits, targets, mask = response_batch
   want = torch.nn.functional.cross_entropy(
       torch.from_numpy(logits).flatten(0, 1),
       torch.from_numpy(np.where(mask, targets, -100)).long().flatten(),
       ignore_index=-100)
-  got = jax.jit(dpo.sft_loss)(logits, targets, mask)
+  got, metrics = jax.jit(dpo.sft_objective)(logits, targets, mask,
+                                            num_tokens=mask.sum())
   np.testing.assert_allclose(got, want.numpy(), rtol=1e-5)
+  assert metrics == {"loss": got}
+
+
+def _objective_batch(pairs=4, length=6, vocab=20):
+  """Response logits, targets and masks [2, pairs, ...] (chosen, rejected),
+  reference log-probs, and `real` pairs: the last one a dummy row (all
+  masks False)."""
+  rng = np.random.default_rng(2)
+  logits = rng.normal(0, 3, (2, pairs, length, vocab)).astype(np.float32)
+  targets = rng.integers(0, vocab, (2, pairs, length)).astype(np.int32)
+  mask = np.arange(length) < rng.integers(1, length + 1, (2, pairs, 1))
+  mask[:, -1] = False
+  ref_chosen, ref_rejected = rng.normal(-20, 3, (2, pairs)).astype(np.float32)
+  real = np.arange(pairs) < pairs - 1
+  return logits, targets, mask, ref_chosen, ref_rejected, real
+
+
+def _pairs(batch, index):
+  """The pairs `index` of an `_objective_batch`."""
+  logits, targets, mask, ref_chosen, ref_rejected, real = batch
+  return (logits[:, index], targets[:, index], mask[:, index],
+          ref_chosen[index], ref_rejected[index], real[index])
+
+
+def _objective_args(logits, targets, mask, ref_chosen, ref_rejected, real):
+  """dpo_objective's arguments: chosen rows, then rejected rows."""
+  flat = lambda x: x.reshape(-1, *x.shape[2:])
+  return (flat(logits), flat(targets), flat(mask), ref_chosen, ref_rejected,
+          real)
 
 
 @pytest.mark.parametrize("options", [
@@ -172,35 +202,63 @@ def test_sft_loss_matches_torch_cross_entropy(response_batch):
 ], ids=str)
 def test_dpo_objective_combines_dpo_and_sft_over_real_pairs(options):
   """The last pair is a dummy row (all masks False): it must count nowhere."""
-  rng = np.random.default_rng(2)
-  pairs, length, vocab = 4, 6, 20
-  logits = rng.normal(0, 3, (2, pairs, length, vocab)).astype(np.float32)
-  targets = rng.integers(0, vocab, (2, pairs, length)).astype(np.int32)
-  mask = np.arange(length) < rng.integers(1, length + 1, (2, pairs, 1))
-  mask[:, -1] = False
-  ref_chosen, ref_rejected = rng.normal(-20, 3, (2, pairs)).astype(np.float32)
+  batch = _objective_batch()
+  logits, targets, mask, ref_chosen, ref_rejected, real = batch
+  pairs = real.size
 
-  objective = functools.partial(dpo.dpo_objective, **options)
-  args = (targets.reshape(2 * pairs, length), mask.reshape(2 * pairs, length),
-          ref_chosen, ref_rejected)
+  objective = functools.partial(
+      dpo.dpo_objective, num_pairs=real.sum(),
+      num_chosen_tokens=mask[0].sum(), **options)
+  args = _objective_args(*batch)
   (total, metrics), grad = jax.jit(jax.value_and_grad(objective, has_aux=True))(
-      logits.reshape(2 * pairs, length, vocab), *args)
-  grad = grad.reshape(2, pairs, length, vocab)
+      *args)
+  grad = grad.reshape(logits.shape)
   assert np.isfinite(grad).all()
   np.testing.assert_array_equal(grad[:, -1], 0.0)
 
   dpo_alpha, gamma = options.pop("dpo_alpha", 1.0), options.pop("gamma")
-  real = slice(0, pairs - 1)
-  (sc, _, lc), (sr, _, lr) = (np_response_logps(logits[i, real],
-                                                targets[i, real], mask[i, real])
+  kept = slice(0, pairs - 1)
+  (sc, _, lc), (sr, _, lr) = (np_response_logps(logits[i, kept],
+                                                targets[i, kept], mask[i, kept])
                               for i in (0, 1))
-  losses, want_metrics = np_dpo(sc, sr, ref_chosen[real], ref_rejected[real],
+  losses, want_metrics = np_dpo(sc, sr, ref_chosen[kept], ref_rejected[kept],
                                 lc, lr, **options)
   sft = -sc.sum() / lc.sum()
   want_total = dpo_alpha * losses.mean() + gamma * sft
   want_metrics = {name: x.mean() for name, x in want_metrics.items()}
   want_metrics |= {"losses/dpo": losses.mean(), "losses/sft": sft,
-                   "losses/total": want_total}
+                   "loss": want_total}
   np.testing.assert_allclose(total, want_total, rtol=1e-5)
   assert metrics.keys() == want_metrics.keys()
   tolerance.assert_metrics_close(metrics, want_metrics)
+
+
+def test_microbatch_shares_add_up_to_the_objective():
+  """Each half of a batch, with the whole batch's counts, gives its share:
+  the shares (and their gradients) add up to the whole batch's objective."""
+  batch = _objective_batch(pairs=6)
+  logits, targets, mask, *_, real = batch
+  counts = dict(num_pairs=real.sum(), num_chosen_tokens=mask[0].sum())
+  dpo_fn = jax.jit(jax.value_and_grad(
+      functools.partial(dpo.dpo_objective, beta=0.5, gamma=0.3, **counts),
+      has_aux=True))
+  sft_fn = jax.jit(functools.partial(dpo.sft_objective,
+                                     num_tokens=mask[0].sum()))
+  halves = [_pairs(batch, slice(0, 3)), _pairs(batch, slice(3, 6))]
+  (whole, whole_metrics), whole_grad = dpo_fn(*_objective_args(*batch))
+  shares = [dpo_fn(*_objective_args(*half)) for half in halves]
+  tolerance.assert_metrics_close(
+      jax.tree.map(lambda a, b: a + b, shares[0][0][1], shares[1][0][1]),
+      whole_metrics)
+  tolerance.assert_close(shares[0][0][0] + shares[1][0][0], whole)
+  # Gradients: a half's logits get the whole batch's gradient there.
+  for h, (_, grad) in enumerate(shares):
+    tolerance.assert_close(
+        grad.reshape(2, 3, *logits.shape[2:]),
+        whole_grad.reshape(logits.shape)[:, 3 * h:3 * h + 3],
+        scale=np.abs(whole_grad).max())
+
+  chosen = lambda x: x[0]
+  sft_whole, _ = sft_fn(*map(chosen, (logits, targets, mask)))
+  sft_shares = [sft_fn(*map(chosen, half[:3]))[0] for half in halves]
+  tolerance.assert_close(sum(sft_shares), sft_whole)

@@ -125,7 +125,8 @@ def test_packed_gradients_equal_plain(params, dpo_batch):
     rows = packing.dpo_rows(dpo_batch, packed=packed)
     objective = lambda p: dpo.dpo_objective(
         response_logits(p, rows), rows.targets, rows.target_mask, ref_chosen,
-        ref_rejected, beta=0.5, gamma=0.3)[0]
+        ref_rejected, np.ones(PAIRS, bool), num_pairs=PAIRS,
+        num_chosen_tokens=dpo_batch.chosen_mask.sum(), beta=0.5, gamma=0.3)[0]
     return jax.value_and_grad(objective)(params)
 
   plain_loss, plain_grads = objective_and_grad(params, packed=False)
