@@ -12,6 +12,8 @@ import jax
 from flax import nnx
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# The axes a batch's rows (examples) split over: data parallelism and FSDP.
+BATCH_AXES = ("data", "fsdp")
 
 # Logical axis -> mesh axis (None: replicated). FSDP shards the model dimension,
 # tensor parallelism the heads, MLP and vocabulary dimensions.

@@ -277,7 +277,7 @@ def sampling_programs(config, model: models.VideoLlava, mesh,
   scoring pass, or generated verdicts) and the evaluation's greedy answers."""
   sampler = sampling.Sampler(model, mesh)
   state = _placed(sampler.state, parallel.state_shardings(sampler.state, mesh))
-  rows = NamedSharding(mesh, P(sampling.BATCH_AXES))
+  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
   replicated = NamedSharding(mesh, P())
   batch, length = config.sampling.batch_size, shapes.prompt
   vision = model.config.vision

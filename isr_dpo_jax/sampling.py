@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from isr_dpo_jax import models
+from isr_dpo_jax import parallel
 from isr_dpo_jax.data import batching
 
 
@@ -160,8 +161,6 @@ def token_logprobs(logits_BxV, tokens_B):
 # The engine.
 # ---------------------------------------------------------------------------
 
-BATCH_AXES = ("data", "fsdp")
-
 
 @flax.struct.dataclass
 class Generation:
@@ -196,7 +195,7 @@ def _shard_rows(tree, mesh):
   def constrain(x):
     if x.ndim == 0:
       return x
-    spec = P(BATCH_AXES, *[P.UNCONSTRAINED] * (x.ndim - 1))
+    spec = P(parallel.BATCH_AXES, *[P.UNCONSTRAINED] * (x.ndim - 1))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
   return jax.tree.map(constrain, tree)
@@ -337,7 +336,7 @@ class Sampler:
     self.video = model.video
     graphdef, self.state = nnx.split(model)
     self.mesh = mesh
-    self._rows = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
+    self._rows = None if mesh is None else NamedSharding(mesh, P(parallel.BATCH_AXES))
     self._prefill = jax.jit(
         functools.partial(_prefill, graphdef, mesh, cache_dtype),
         static_argnames=("num_samples", "max_new_tokens"))
@@ -356,7 +355,7 @@ class Sampler:
     """This process's rows of a global row-sharded array, as NumPy."""
     if not x.is_fully_addressable:
       x = multihost_utils.global_array_to_host_local_array(
-          x, self.mesh, P(BATCH_AXES))
+          x, self.mesh, P(parallel.BATCH_AXES))
     return np.asarray(x)
 
   def _check_rows(self, batch: int):

@@ -62,8 +62,6 @@ from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import video
 from isr_dpo_jax.models import interface
 
-BATCH_AXES = ("data", "fsdp")
-
 
 @flax.struct.dataclass
 class TrainState:
@@ -260,7 +258,7 @@ class Trainer:
                          lora_lib.shardings(trained, self.param_shardings))
     self.state_shardings = self._state_shardings(trained, trained_shardings)
 
-    self.batch_sharding = batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
+    self.batch_sharding = batch_sharding = NamedSharding(mesh, P(parallel.BATCH_AXES))
     replicated = NamedSharding(mesh, P())
     state_sh, params_sh = self.state_shardings, self.param_shardings
     base_sh = () if self.base is None else (params_sh,)
@@ -362,7 +360,7 @@ class Trainer:
     batch, frames = self._global((batch, frames))
     logps = self.pair_logps(params, batch, self.encode_video(params, frames))
     return tuple(np.asarray(x) for x in multihost_utils.global_array_to_host_local_array(
-        logps, self.mesh, P(BATCH_AXES)))
+        logps, self.mesh, P(parallel.BATCH_AXES)))
 
   def _frozen_base(self) -> tuple:
     """The steps' trailing arguments: (), or under LoRA the base on the mesh."""

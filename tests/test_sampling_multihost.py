@@ -61,7 +61,7 @@ def _worker(workdir):
   sampler = sampling.Sampler(models.load_pretrained(workdir, mesh=mesh), mesh)
   batch = np.load(workdir / "batch.npz")
   rows = distributed.process_rows(
-      NamedSharding(mesh, P(sampling.BATCH_AXES)), batch["ids"].shape)
+      NamedSharding(mesh, P(parallel.BATCH_AXES)), batch["ids"].shape)
   out = sampler(*(batch[k][rows] for k in ("ids", "mask", "videos", "uids")),
                 SAMPLE, num_samples=2)
   np.savez(workdir / f"samples_{jax.process_index()}.npz",
