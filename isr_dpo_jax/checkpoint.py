@@ -1,24 +1,38 @@
-"""Training checkpoints: Orbax CheckpointManager, one directory per iteration.
+"""Checkpoints in Orbax: a training run's train state, and a policy's parameters.
 
-Layout: `<root>/iteration_<t>/<step>/{state,data}`. `state` is the train state
+Training (`Checkpointer`): an Orbax CheckpointManager over one directory per
+training run (the loop's `iter_<t>/checkpoints`, SFT's `<workdir>/checkpoints`),
+laid out as `<directory>/<step>/{state,data}`. `state` is the train state
 pytree (params, optimizer state, step, RNG) written as sharded arrays; `data` is
 the input iterator's state as JSON (grain's `get_state()`), so a killed run
 resumes on the exact next batch. Saves are asynchronous: `save` returns once
 the arrays are copied off the devices, so the caller may donate the state to
 the next step while the files are written.
 
-Restoring takes an abstract target (`jax.ShapeDtypeStruct`s with shardings),
-so a checkpoint written on one mesh loads directly onto another. A step that
-does not restore (files lost to a kill, a full disk or a hand) is deleted
-and the step before it restored, so a damaged checkpoint never blocks resume.
+Restoring takes an abstract target (`abstract_like`: `jax.ShapeDtypeStruct`s
+with shardings), so a checkpoint written on one mesh loads directly onto
+another. A step that does not restore (files lost to a kill, a full disk or a
+hand) is deleted and the step before it restored, so a damaged checkpoint
+never blocks resume.
+
+A policy (`save_params` / `load_params`): the loop's pi_{t+1}, `iter_<t>/policy`,
+is its parameters alone: one Orbax checkpoint, each process writing its own
+shards, under a temporary name that Orbax renames once every shard is
+written; so a killed save leaves no `policy` directory, and the resumed
+iteration saves it again. (`models.save_pretrained` writes a model in the
+Hugging Face layout, for transformers.)
 """
 import logging
 import os
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from isr_dpo_jax import errors
 
@@ -29,13 +43,8 @@ class CheckpointError(errors.UserError):
   """No step of a checkpoint directory restores."""
 
 
-def iteration_dir(root: str | os.PathLike, iteration: int) -> str:
-  """The checkpoint directory of ISR-DPO iteration `iteration` under `root`."""
-  return os.path.join(os.fspath(root), f"iteration_{iteration}")
-
-
 class Checkpointer:
-  """Periodic, asynchronous train-state checkpoints of one iteration."""
+  """Periodic, asynchronous train-state checkpoints of one training run."""
 
   def __init__(self, directory: str | os.PathLike, *,
                save_interval_steps: int = 100, max_to_keep: int | None = 2,
@@ -130,3 +139,24 @@ def abstract_like(tree: PyTree, shardings: PyTree) -> PyTree:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       tree, shardings)
+
+
+def save_params(params: dict, path: pathlib.Path) -> None:
+  """A policy's parameters (a pure dict) as one Orbax checkpoint, once.
+
+  Every process calls it; process 0's view of `path` decides for all.
+  """
+  if multihost_utils.broadcast_one_to_all(np.bool_(path.exists())):
+    return
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path.absolute(), params)
+  checkpointer.wait_until_finished()
+
+
+def load_params(model: nnx.Module, path: str | os.PathLike) -> None:
+  """Restores `save_params` output into `model`, onto its current shardings."""
+  state = nnx.state(model)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+  restored = ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute(), abstract)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)

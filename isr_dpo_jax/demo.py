@@ -50,6 +50,7 @@ from isr_dpo_jax import bootstrap
 from isr_dpo_jax import iterate
 from isr_dpo_jax import judge
 from isr_dpo_jax import metrics as metrics_lib
+from isr_dpo_jax import settings
 from isr_dpo_jax import sft
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
@@ -60,8 +61,8 @@ from matplotlib import pyplot as plt  # noqa: E402
 # Arm name -> config overrides (the paper's ablations), all from the SFT model.
 ARMS = {
     "isr_dpo": {},
-    "no_context": {"judge.use_context": False},
-    "no_retrospection": {"judge.retrospective": False},
+    "no_context": {"self_judge.use_context": False},
+    "no_retrospection": {"self_judge.retrospective": False},
 }
 
 
@@ -92,7 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
         sft.run(sft_config(config, world, captions, world.init_checkpoint,
                            config.demo.align), workdir / "align")
       elif phase == "sft":
-        mix = write_sft_mix(ground_truth, judge.Prompts(**config.prompts),
+        mix = write_sft_mix(ground_truth, settings.prompts(config),
                             config.demo, config.seed, workdir / "sft_data.jsonl")
         sft.run(sft_config(config, world, mix, workdir / "align" / "model"),
                 workdir / "sft")

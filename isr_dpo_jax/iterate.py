@@ -27,14 +27,15 @@ import ml_collections
 import numpy as np
 
 from isr_dpo_jax import bootstrap
+from isr_dpo_jax import checkpoint
 from isr_dpo_jax import distributed
 from isr_dpo_jax import evaluate
-from isr_dpo_jax import lora
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import report
+from isr_dpo_jax import settings
 from isr_dpo_jax import stages
 from isr_dpo_jax import train
 from isr_dpo_jax.data import records
@@ -161,7 +162,7 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   pairs = stages.preference_records(answered, judged)
 
   num_steps = math.ceil(config.train.epochs * len(pairs) / config.train.batch_size)
-  trainer = train.Trainer(policy.model, train_config(config), mesh,
+  trainer = train.Trainer(policy.model, settings.dpo_train_config(config), mesh,
                           total_steps=max(num_steps, 1))
   reference = (policy.model if config.dpo.reference == "previous" else
                models.load_pretrained(setup.init_checkpoint, family=config.model.family,
@@ -177,7 +178,7 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
     params = trainer.model_params(state)  # LoRA: merged, a plain model
   else:
     logging.warning("iteration %d: no preference pairs; pi_%d = pi_%d", t, t + 1, t)
-  policy_lib.save_params(params, it_dir / "policy")
+  checkpoint.save_params(params, it_dir / "policy")
 
   summary["stages"] = [s.as_dict() for s in (s1, s2, s3)]
   summary["pairs"] = len(pairs)
@@ -211,15 +212,3 @@ def carried_contexts(workdir: pathlib.Path, t: int) -> dict[str, str]:
     if path.exists():
       contexts |= {r["video"]: r["context"] for r in map(json.loads, path.open())}
   return contexts
-
-
-def train_config(config) -> train.TrainConfig:
-  d, tr = config.dpo, config.train
-  return train.TrainConfig(
-      learning_rate=tr.learning_rate, schedule=tr.schedule, warmup_ratio=tr.warmup_ratio,
-      weight_decay=tr.weight_decay, max_grad_norm=tr.max_grad_norm,
-      grad_accum_steps=tr.grad_accum_steps, frozen=tuple(tr.frozen), remat=tr.remat,
-      packed=tr.packed, beta=d.beta, loss_type=d.loss_type,
-      label_smoothing=d.label_smoothing, length_penalty=d.length_penalty,
-      length_normalized=d.length_normalized, dpo_alpha=d.dpo_alpha, gamma=d.gamma,
-      lora=lora.Config.from_mapping(tr.lora))

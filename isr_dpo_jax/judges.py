@@ -104,7 +104,7 @@ class Generative:
     del ground_truth  # unused
     self.policy, self.seed = policy, seed
     self.params = sampling.SamplingParams(temperature=0.0,
-                                          max_new_tokens=config.judge.max_new_tokens)
+                                          max_new_tokens=config.self_judge.max_new_tokens)
 
   def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
     questions, frames = _questions_and_frames(pairs)
@@ -145,10 +145,7 @@ class GroundTruth:
   def __init__(self, config, policy, seed: int, ground_truth: pathlib.Path | None):
     del config, policy, seed  # unused
     if ground_truth is None:
-      raise settings.ConfigError(
-          "judge.mode='ground_truth': this judge knows the answers of the "
-          "synthetic world only, and config.world is None; set config.world "
-          f"or choose one of {', '.join(m for m in JUDGES if m != 'ground_truth')}")
+      raise settings.ConfigError(settings.GROUND_TRUTH_WITHOUT_WORLD)
     self.answers = world_answers(ground_truth)
 
   def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
@@ -166,7 +163,7 @@ class GroundTruth:
                     no_verdict, evidence)
 
 
-# config.judge.mode -> judge; the same names as judge.MODES.
+# config.self_judge.mode -> judge; the same names as judge.MODES.
 JUDGES: dict[str, type[Judge]] = {
     "likelihood": Likelihood,
     "generative": Generative,
@@ -176,9 +173,9 @@ JUDGES: dict[str, type[Judge]] = {
 
 def make(config: ml_collections.ConfigDict, policy: policy_lib.Policy, seed: int,
          ground_truth: pathlib.Path | None = None) -> Judge:
-  """The judge that config.judge.mode names; a ConfigError for an unknown name."""
-  mode = config.judge.mode
+  """The judge that config.self_judge.mode names; a ConfigError for an unknown name."""
+  mode = config.self_judge.mode
   if mode not in JUDGES:
     raise settings.ConfigError(
-        f"judge.mode={mode!r}: must be one of {', '.join(JUDGES)}")
+        f"self_judge.mode={mode!r}: must be one of {', '.join(JUDGES)}")
   return JUDGES[mode](config, policy, seed, ground_truth)

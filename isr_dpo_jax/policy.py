@@ -8,17 +8,14 @@ samples, or next-token log-probabilities for the likelihood judge.
 from collections.abc import Sequence
 import dataclasses
 import os
-import pathlib
 import zlib
 
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-import orbax.checkpoint as ocp
 
 from isr_dpo_jax import bootstrap
+from isr_dpo_jax import checkpoint
 from isr_dpo_jax import generate
 from isr_dpo_jax import models
 from isr_dpo_jax import sampling
@@ -26,27 +23,6 @@ from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video as video_lib
 from isr_dpo_jax.data import video_cache
-
-
-def save_params(params: dict, path: pathlib.Path) -> None:
-  """A policy's parameters (a pure dict) as one Orbax checkpoint, once.
-
-  Every process calls it; process 0's view of `path` decides for all.
-  """
-  if multihost_utils.broadcast_one_to_all(np.bool_(path.exists())):
-    return
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path.absolute(), params)
-  checkpointer.wait_until_finished()
-
-
-def load_params(model: models.VideoLanguageModel, path: pathlib.Path) -> None:
-  """Restores `save_params` output into `model`, onto its current shardings."""
-  state = nnx.state(model)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
-  restored = ocp.StandardCheckpointer().restore(pathlib.Path(path).absolute(), abstract)
-  nnx.replace_by_pure_dict(state, restored)
-  nnx.update(model, state)
 
 
 def per_process(batch_size: int, knob: str) -> int:
@@ -91,7 +67,7 @@ class Policy:
     model = models.load_pretrained(checkpoint, family=family, dtype=dtype,
                                    param_dtype=jnp.float32, mesh=mesh)
     if params_dir is not None:
-      load_params(model, params_dir)
+      checkpoint.load_params(model, params_dir)
     tokenizer = models.load_tokenizer(checkpoint)
     tokenize.add_video_token(tokenizer)
     encoder = tokenize.TextEncoder(

@@ -40,7 +40,7 @@ from isr_dpo_jax import judge
 from isr_dpo_jax import judges
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import policy as policy_lib
-from isr_dpo_jax import sampling
+from isr_dpo_jax import settings
 from isr_dpo_jax import train
 from isr_dpo_jax.data import loader as loader_lib
 from isr_dpo_jax.data import records
@@ -214,16 +214,11 @@ def _usable(stage: str, batch: list[dict], questions_of: Callable[[dict], list[s
   return kept, questions, pixels, len(failed) < len(batch)
 
 
-def _sample_params(cfg) -> sampling.SamplingParams:
-  return sampling.SamplingParams(temperature=cfg.temperature, top_k=cfg.top_k,
-                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
-
-
 def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
               path, errors: ErrorLog) -> tuple[list[dict], Summary]:
   """Stage 1a: y1, y2 ~ pi_t(. | V, x) for every prompt item."""
   summary = Summary("responses", records_in=len(items))
-  params = _sample_params(cfg.sampling.answer)
+  params = settings.sampling_params(cfg.sampling.answer)
 
   def work(batch):
     kept, questions, pixels, any_kept = _usable(
@@ -253,11 +248,11 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
   Without retrospection (an ablation) every context is written from scratch.
   """
   summary = Summary("contexts", records_in=len(videos))
-  params = _sample_params(cfg.sampling.context)
-  prompts = judge_prompts(cfg)
+  params = settings.sampling_params(cfg.sampling.context)
+  prompts = settings.prompts(cfg)
 
   def before(video: dict) -> str | None:
-    return previous.get(video["video"]) if cfg.judge.retrospective else None
+    return previous.get(video["video"]) if cfg.self_judge.retrospective else None
 
   def work(batch):
     kept, questions, pixels, any_kept = _usable(
@@ -278,28 +273,24 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
                      cfg.data.max_error_rate), summary
 
 
-def judge_prompts(cfg) -> judge.Prompts:
-  return judge.Prompts(**cfg.prompts)
-
-
 def judgments(answered: list[dict], context_of: dict[str, str],
               policy: policy_lib.Policy, cfg, seed: int, path, errors: ErrorLog,
               *, ground_truth: pathlib.Path | None = None
               ) -> tuple[list[dict], Summary]:
-  """Stage 2: the run's judge (judge.mode) weighs y1 against y2; keep or drop.
+  """Stage 2: the run's judge (self_judge.mode) weighs y1 against y2; keep or drop.
 
   The judge gives P(y1 better) per order, or why it gives no verdict;
   averaging the orders and the decision are the same for every judge. Every
   judge's items must fit the judge prompts of both orders (judges.Pair.orders),
   so that all judges see the same pairs. `ground_truth` is the synthetic
-  world's file, for judge.mode="ground_truth".
+  world's file, for self_judge.mode="ground_truth".
   """
   summary = Summary("judgments", records_in=len(answered))
-  prompts = judge_prompts(cfg)
+  prompts = settings.prompts(cfg)
   judge_fn = judges.make(cfg, policy, seed, ground_truth)
 
   def context(x: dict) -> str | None:
-    return context_of.get(x["video"]) if cfg.judge.use_context else None
+    return context_of.get(x["video"]) if cfg.self_judge.use_context else None
 
   def orders(x: dict) -> list[str]:
     return list(judge.judge_questions(prompts, x["question"], *x["responses"], context(x)))
@@ -316,14 +307,14 @@ def judgments(answered: list[dict], context_of: dict[str, str],
     out = []
     for i, x in enumerate(kept):
       decision = judge.decide(*x["responses"], float(p_y1[i]), bool(agree[i]),
-                              cfg.judge.threshold, verdicts.no_verdict[i],
-                              cfg.judge.require_agreement)
+                              cfg.self_judge.threshold, verdicts.no_verdict[i],
+                              cfg.self_judge.require_agreement)
       out.append(dict(id=x["id"], p_y1=float(p_y1[i]), agree=bool(agree[i]),
                       confidence=decision.confidence, winner=decision.winner,
                       reason=decision.reason, raw=verdicts.evidence[i]))
     return _all_processes(out)
 
-  out = run_batches(summary, path, answered, cfg.judge.batch_size, work, errors,
+  out = run_batches(summary, path, answered, cfg.self_judge.batch_size, work, errors,
                     cfg.data.max_error_rate)
   summary.records_out = sum(r["winner"] is not None for r in out)  # pairs kept
   summary.dropped += collections.Counter(r["reason"] for r in out if r["reason"])

@@ -313,11 +313,8 @@ class Trainer:
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state: a checkpoint restore target."""
-    shapes = jax.eval_shape(self._init, self._abstract_params)
-    return jax.tree.map(
-        lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                                 sharding=sharding),
-        shapes, self.state_shardings)
+    return checkpoint.abstract_like(
+        jax.eval_shape(self._init, self._abstract_params), self.state_shardings)
 
   def model(self, params) -> nnx.Module:
     """The NNX model with `params` (e.g. to save or sample from it)."""

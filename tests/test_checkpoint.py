@@ -1,5 +1,5 @@
 """Checkpoint save/restore: exact, async, resumable, onto another mesh shape,
-past a damaged step."""
+past a damaged step; a policy's parameters saved once and restored exactly."""
 import gc
 import logging
 
@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from isr_dpo_jax import checkpoint
@@ -95,7 +96,7 @@ def test_restore_onto_another_mesh_shape(tmp_path, new_shape):
 
 def test_resume_takes_latest_step_on_interval(tmp_path):
   state = _state(_mesh((1, 4, 2)))
-  directory = checkpoint.iteration_dir(tmp_path, 2)
+  directory = tmp_path / "checkpoints"
   with checkpoint.Checkpointer(directory, save_interval_steps=2,
                                max_to_keep=2) as ckpt:
     saved = [ckpt.save(s, state, {"step": s}) for s in range(1, 6)]
@@ -106,6 +107,26 @@ def test_resume_takes_latest_step_on_interval(tmp_path):
     assert ckpt.latest_step() == 4
     _, data_state = ckpt.restore(_target_on(state, _mesh((1, 4, 2))))
   assert data_state == {"step": 4}
+
+
+def test_policy_params_restore_exactly_onto_the_model_and_save_once(tmp_path):
+  """pi_{t+1}'s parameters: restored onto the shardings the model has; a
+  second save to the same place (a resumed iteration) keeps the first."""
+  params = nnx.to_pure_dict(nnx.state(nnx.Linear(8, 4, rngs=nnx.Rngs(0))))
+  checkpoint.save_params(params, tmp_path / "policy")
+  checkpoint.save_params(jax.tree.map(jnp.zeros_like, params), tmp_path / "policy")
+
+  model = nnx.Linear(8, 4, rngs=nnx.Rngs(1))
+  mesh = _mesh((1, 4, 2))
+  shardings = {"kernel": NamedSharding(mesh, P("fsdp", "tensor")),
+               "bias": NamedSharding(mesh, P("tensor"))}
+  state = nnx.state(model)
+  nnx.replace_by_pure_dict(state, jax.device_put(nnx.to_pure_dict(state), shardings))
+  nnx.update(model, state)
+  checkpoint.load_params(model, tmp_path / "policy")
+  restored = nnx.to_pure_dict(nnx.state(model))
+  _assert_trees_equal(restored, params)
+  assert {k: v.sharding for k, v in restored.items()} == shardings
 
 
 def test_restore_without_checkpoint_names_directory(tmp_path):

@@ -16,9 +16,9 @@ from flax import nnx
 
 import conftest
 from isr_dpo_jax import bootstrap
+from isr_dpo_jax import checkpoint
 from isr_dpo_jax import iterate
 from isr_dpo_jax import models
-from isr_dpo_jax import policy as policy_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def policy_params(workdir, t=None):
   """pi_0 (t None) or the policy saved by iteration t, as a pure dict."""
   model = models.load_pretrained(workdir / "init")
   if t is not None:
-    policy_lib.load_params(model, workdir / f"iter_{t}" / "policy")
+    checkpoint.load_params(model, workdir / f"iter_{t}" / "policy")
   return nnx.to_pure_dict(nnx.state(model))
 
 

@@ -20,11 +20,10 @@ import torch
 import transformers
 from flax import nnx
 
-from isr_dpo_jax import iterate, lora, models, parallel, sft, train
-from isr_dpo_jax import policy as policy_lib
+from isr_dpo_jax import checkpoint, iterate, lora, models, parallel, settings, sft, train
 from isr_dpo_jax.data import batching
 
-LORA = lora.Config(rank=4, alpha=8.0)
+LORA = settings.LoraConfig(rank=4, alpha=8.0)
 CONFIG = train.TrainConfig(learning_rate=1e-3, warmup_ratio=0.0, weight_decay=0.1,
                            max_grad_norm=1.0, lora=LORA)
 PROMPT_LENGTHS = [7, 4, 6, 3]
@@ -291,7 +290,7 @@ def test_lora_iteration_end_to_end(tmp_path, load_config):
   # The policy: a plain model that differs from pi_0 in the targeted kernels alone.
   model = models.load_pretrained(tmp_path / "init")
   before = nnx.to_pure_dict(nnx.state(model))
-  policy_lib.load_params(model, it_dir / "policy")
+  checkpoint.load_params(model, it_dir / "policy")
   after = nnx.to_pure_dict(nnx.state(model))
   targeted = re.compile("|".join(config.train.lora.targets))
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(after)[0],
@@ -313,7 +312,7 @@ def test_lora_iteration_end_to_end(tmp_path, load_config):
                                     dict(rank=4, targets=())])
 def test_config_rejects_what_cannot_train(kwargs):
   with pytest.raises(ValueError, match="LoRA needs"):
-    lora.Config(**kwargs)
+    settings.LoraConfig(**kwargs)
 
 
 def test_lora_steps_compile_from_abstract_shapes(setup):

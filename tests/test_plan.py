@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import pytest
 
 import conftest
-from isr_dpo_jax import iterate
 from isr_dpo_jax import plan
+from isr_dpo_jax import settings
 from isr_dpo_jax import train
 from isr_dpo_jax.data import batching
 
@@ -65,7 +65,7 @@ def test_dpo_update_row_is_xla_analysis_of_the_trainers_step(tiny_plan):
   model_cfg, _ = plan.model_config(config)
   shapes = plan.run_shapes(config, model_cfg)
   trainer = train.Trainer(plan.abstract_model(config, model_cfg),
-                          iterate.train_config(config), mesh, total_steps=2)
+                          settings.dpo_train_config(config), mesh, total_steps=2)
   rows_of = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(
       shape, dtype, sharding=trainer.batch_sharding)
   b = config.train.batch_size

@@ -141,7 +141,7 @@ def smoke_fixture(tmp_path_factory):
 
 def _judge(smoke, mode: str, path, **overrides):
   setup, policy, answered, _ = smoke
-  cfg = conftest.load_config("smoke", **{"judge.mode": mode, **overrides})
+  cfg = conftest.load_config("smoke", **{"self_judge.mode": mode, **overrides})
   contexts = {x["video"]: "A red square moves left." for x in answered[::2]}
   errors = stages.ErrorLog(path / f"{mode}_errors.jsonl")
   judged, summary = stages.judgments(answered, contexts, policy, cfg, 7,
@@ -165,8 +165,8 @@ def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mo
   assert [j["id"] for j in judged] == [x["id"] for x in answered]
   cfg = conftest.load_config("smoke")
   evidence = []
-  for start in range(0, len(answered), cfg.judge.batch_size):  # the stage's batches
-    batch = answered[start:start + cfg.judge.batch_size]
+  for start in range(0, len(answered), cfg.self_judge.batch_size):  # the stage's batches
+    batch = answered[start:start + cfg.self_judge.batch_size]
     questions = [q for x in batch for q in judge.judge_questions(
         judge.Prompts(), x["question"], *x["responses"], contexts.get(x["video"]))]
     frames = [policy.video(x["video"]) for x in batch for _ in range(2)]
@@ -176,7 +176,7 @@ def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mo
     else:
       uids = [policy_lib.stable_uid("verdict", x["id"], o) for x in batch for o in (0, 1)]
       params = sampling.SamplingParams(temperature=0.0,
-                                       max_new_tokens=cfg.judge.max_new_tokens)
+                                       max_new_tokens=cfg.self_judge.max_new_tokens)
       texts = [s[0].text for s in policy.sample(questions, frames, uids, params, seed=7)]
       evidence += [list(t) for t in zip(texts[0::2], texts[1::2])]
   if mode == "likelihood":
@@ -189,8 +189,8 @@ def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mo
         [tuple(map(judge.parse_verdict, j["raw"])) for j in judged])
   p_y1, agree = judge.average_orders(p_y1_Nx2, judged_N)
   for j, x, p, a, ok in zip(judged, answered, p_y1, agree, judged_N):
-    decision = judge.decide(*x["responses"], p, a, cfg.judge.threshold,
-                            None if ok else judge.UNPARSABLE, cfg.judge.require_agreement)
+    decision = judge.decide(*x["responses"], p, a, cfg.self_judge.threshold,
+                            None if ok else judge.UNPARSABLE, cfg.self_judge.require_agreement)
     assert (j["p_y1"], j["agree"], j["winner"], j["reason"]) == (
         p, a, decision.winner, decision.reason)
   assert summary.records_out == sum(j["winner"] is not None for j in judged)
@@ -218,7 +218,7 @@ def test_the_ground_truth_judge_counts_pairs_with_both_or_neither_right(tmp_path
                                       ["Four.", "None."], [qa["response"], "None."]])]
   errors = stages.ErrorLog(tmp_path / "errors.jsonl")
   judged, summary = stages.judgments(
-      answered, {}, FakePolicy(), conftest.load_config("smoke", **{"judge.mode": "ground_truth"}),
+      answered, {}, FakePolicy(), conftest.load_config("smoke", **{"self_judge.mode": "ground_truth"}),
       0, tmp_path / "judgments.jsonl", errors, ground_truth=world["ground_truth"])
   assert [j["reason"] for j in judged] == [judges.BOTH_CORRECT, judges.NEITHER_CORRECT, None]
   assert summary.dropped == {judges.BOTH_CORRECT: 1, judges.NEITHER_CORRECT: 1}

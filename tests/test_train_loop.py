@@ -115,7 +115,7 @@ def test_killed_run_resumes_exactly(setup, tmp_path):
   expected = train.fit(update, trainer.init_state(model), ListIterator(items),
                        num_steps=6)
 
-  directory = checkpoint.iteration_dir(tmp_path, 0)
+  directory = tmp_path / "checkpoints"
   with checkpoint.Checkpointer(directory, save_interval_steps=2) as ckpt:
     with pytest.raises(KeyboardInterrupt):
       train.fit(update, trainer.init_state(model),
