@@ -30,7 +30,7 @@ def get_config():
   config.data.prompts_per_iteration = 192
   config.data.fresh_prompts = False  # the same videos: contexts carry over
   # Step-by-step written verdicts (demo.py says why), parsed for their letter.
-  config.judge.update(mode="generative", max_new_tokens=16, threshold=0.6)
+  config.self_judge.update(mode="generative", max_new_tokens=16, threshold=0.6)
   config.train.update(batch_size=16, epochs=2, learning_rate=1e-4)
   config.eval.batch_size = 64
   return config

@@ -14,10 +14,10 @@ def get_config():
   config.sampling.batch_size = 8
   config.sampling.answer.max_new_tokens = 12
   config.sampling.context.max_new_tokens = 16
-  config.judge.batch_size = 8
+  config.self_judge.batch_size = 8
   # A random model's letter bias beats any content: keep pairs on the average.
-  config.judge.threshold = 0.5
-  config.judge.require_agreement = False
+  config.self_judge.threshold = 0.5
+  config.self_judge.require_agreement = False
   config.train.batch_size = 8
   config.train.epochs = 1
   config.train.learning_rate = 1e-3

@@ -29,7 +29,7 @@ def get_config():
   config.data.prompts_per_iteration = 17_000
   config.data.fresh_prompts = True
   config.sampling.batch_size = 64
-  config.judge.batch_size = 64
+  config.self_judge.batch_size = 64
   config.train.batch_size = 128  # pairs per step, as in LLaVA-Hound-DPO
   config.train.remat = "nothing_saveable"
   config.eval.test_root = "data/video_instruction/test"

@@ -17,23 +17,10 @@ import ml_collections
 
 from isr_dpo_jax import judge
 from isr_dpo_jax import models
+from isr_dpo_jax import settings
 from isr_dpo_jax.data import synthetic
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import vocab
-
-
-def world_config() -> ml_collections.ConfigDict:
-  """Defaults of the synthetic world and the tiny model trained on it."""
-  return ml_collections.ConfigDict(dict(
-      seed=0,
-      num_videos=dict(train=32, test=16),
-      num_frames=8,
-      size=32,
-      vocab_size=768,
-      model=dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                 num_kv_heads=2, vision_hidden_size=32, vision_layers=2,
-                 vision_heads=2, patch_size=8),
-  ))
 
 
 def write_world(cfg: ml_collections.ConfigDict, root: str | os.PathLike
@@ -122,7 +109,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
                  tuple(config.eval.test_sets))
   world = write_world(config.world, workdir / "world")
   checkpoint = given(config.model.checkpoint) or init_checkpoint(
-      config.world, world, workdir / "init", judge.Prompts(**config.prompts),
+      config.world, world, workdir / "init", settings.prompts(config),
       config.model.family)
   return Setup(checkpoint, given(config.data.prompts) or world["train_qa"],
                given(config.sft.data) or world["train_sft"], world["video_root"],

@@ -29,6 +29,7 @@ from isr_dpo_jax import bootstrap
 from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
+from isr_dpo_jax import settings
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
 from isr_dpo_jax.data import video as video_lib
@@ -41,39 +42,6 @@ from isr_dpo_jax.eval import test_sets
 # One answer per record, or the BadRecord that says why there is none.
 AnswerFn = Callable[[Sequence[test_sets.QARecord]],
                     Sequence[str | records.BadRecord]]
-
-
-def default_config() -> config_dict.ConfigDict:
-  """Evaluation settings; the judge defaults are the published protocol's."""
-  return config_dict.ConfigDict(dict(
-      # A tuple, so that the command line can set it: --config.eval.test_sets=
-      # "('msvd_official', 'msrvtt_official', 'tgif_official')".
-      test_sets=test_sets.OUT_DOMAIN,
-      # Folder of `{name}.qa.jsonl`: video_instruction/test of
-      # ShareGPTVideo/test_video_and_instruction.
-      test_root=config_dict.placeholder(str),
-      max_error_rate=0.01,  # share of bad test-file lines that stops the run
-      batch_size=32,  # records per answer_fn call
-      scoring="judge",  # "judge" or "match" (checker, no judge)
-      # "caption_grounded" (ISR-DPO's) or "video_chatgpt" (the protocol of
-      # LLaVA-Hound-DPO's published MSVD/MSRVTT/TGIF table): eval.protocols.
-      protocol="caption_grounded",
-      judge=dict(
-          model="gpt-3.5-turbo-0301",
-          base_url=config_dict.placeholder(str),  # else OPENAI_BASE_URL
-          api_key=config_dict.placeholder(str),  # else OPENAI_API_KEY
-          cache_path=config_dict.placeholder(str),  # else workdir/judge_cache
-          concurrency=8,
-          max_retries=6,
-          timeout_s=60.0,
-          backoff_s=1.0,
-          batch_size=64,  # prompts per judge call (judgments saved after each)
-          # `isr-dpo eval` with a local judge instead of the endpoint: "policy"
-          # (the evaluated model itself, for quick looks) or a checkpoint dir.
-          local="",
-          max_new_tokens=128,
-      ),
-  ))
 
 
 def main(config: config_dict.ConfigDict, workdir: str) -> None:
@@ -156,7 +124,8 @@ def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
 
 def openai_judge(config: config_dict.ConfigDict,
                  workdir: str | os.PathLike[str]) -> judge_client.OpenAIJudge:
-  """The endpoint judge of `config.judge`, caching under `workdir` by default.
+  """The endpoint judge of an eval config's `judge` (config.eval.judge), caching
+  under `workdir` by default.
 
   It sends the system message of `config.protocol`.
   """
@@ -173,7 +142,8 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
              answer_fn: AnswerFn, *, judge: judge_client.Judge | None = None,
              checker: scoring.Checker = scoring.keyword_match,
              tokenizer=None) -> list[tables.ResultRow]:
-  """Evaluates every test set of `config`, then writes the results table.
+  """Evaluates every test set of `config` (a run's config.eval), then writes
+  the results table.
 
   With config.scoring == "judge", `judge` (a local model, say) replaces the
   endpoint judge of config.judge (which must take connections before any
@@ -181,8 +151,8 @@ def evaluate(config: config_dict.ConfigDict, workdir: str | os.PathLike[str],
   config.protocol (its system message is the judge's to add); with "match",
   `checker` scores answers.
   """
-  if config.scoring not in ("judge", "match"):
-    raise ValueError(f"scoring must be 'judge' or 'match': {config.scoring!r}")
+  if config.scoring not in settings.SCORINGS:
+    raise ValueError(f"scoring must be one of {settings.SCORINGS}: {config.scoring!r}")
   protocol = protocols.get(config.protocol)
   with contextlib.ExitStack() as stack:
     if config.scoring == "match":

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-# config.judge.mode: the names of judges.JUDGES, readable without jax.
+# config.self_judge.mode: the names of judges.JUDGES, readable without jax.
 MODES = ("likelihood", "generative", "ground_truth")
 
 FIRST_CONTEXT = (

@@ -14,8 +14,9 @@ a plain model with the parameter tree of the base.
 Adapters are a pure dict that mirrors the parameter tree down to each adapted
 Linear module and holds `lora_a` and `lora_b` there, e.g.
 `adapters["language_model"]["layers"][0]["self_attn"]["q_proj"]["lora_a"]`.
-Targets are regexes over parameter paths, as train.TrainConfig.frozen's are;
-each 2-D `kernel` whose path one matches gets an adapter. Nothing here needs
+Which kernels and how much: settings.LoraConfig (config.train.lora). Its
+targets are regexes over parameter paths, as TrainConfig.frozen's are; each
+2-D `kernel` whose path one matches gets an adapter. Nothing here needs
 weights: `shardings` reads shapes, and `init` and `merge` trace under
 `jax.eval_shape` or `jit(...).lower` from `jax.ShapeDtypeStruct` trees, e.g.
 `jax.eval_shape(init, abstract_params, config, key)` to plan a run.
@@ -25,7 +26,6 @@ adapters alone, `attach` runs each low-rank path beside its frozen kernel, so
 no full-size kernel gradient is computed and no merged copy of the kernels is
 held, and only the adapters get optimizer state and go into checkpoints.
 """
-import dataclasses
 import re
 from collections.abc import Iterable
 
@@ -35,32 +35,7 @@ from flax import nnx
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-# The LLM's attention and MLP projections (Video-LLaVA's Llama).
-LLM_PROJECTIONS = (
-    r"^language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$",)
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-  """rank 0 turns LoRA off (full fine-tuning); scale = alpha / rank (peft's)."""
-  rank: int = 0
-  alpha: float = 16.0
-  targets: tuple[str, ...] = LLM_PROJECTIONS
-
-  def __post_init__(self):
-    if self.rank < 0 or self.alpha <= 0 or (self.rank and not self.targets):
-      raise ValueError(f"LoRA needs rank >= 0, alpha > 0 and a target, got rank "
-                       f"{self.rank}, alpha {self.alpha}, targets {self.targets}")
-
-  @classmethod
-  def from_mapping(cls, cfg) -> "Config":
-    """From a config's `train.lora` (rank, alpha, targets)."""
-    return cls(rank=int(cfg["rank"]), alpha=float(cfg["alpha"]),
-               targets=tuple(cfg["targets"]))
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / self.rank
+from isr_dpo_jax import settings
 
 
 def _name(path: tuple) -> str:
@@ -85,7 +60,7 @@ def targets(params, patterns: Iterable[str]) -> list[tuple]:
           if any(regex.search(_name(path)) for regex in regexes)]
 
 
-def init(params, config: Config, key: jax.Array) -> dict:
+def init(params, config: settings.LoraConfig, key: jax.Array) -> dict:
   """New adapters for `params`' targeted kernels: A as peft draws it, B = 0."""
   modules = targets(params, config.targets)
   flat = traverse_util.flatten_dict(params)

@@ -45,12 +45,10 @@ from flax import nnx
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import errors
-from isr_dpo_jax import iterate
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
 from isr_dpo_jax import sampling
-from isr_dpo_jax import sft
-from isr_dpo_jax import stages
+from isr_dpo_jax import settings
 from isr_dpo_jax import train
 from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import tokenize
@@ -304,10 +302,10 @@ def sampling_programs(config, model: models.VideoLlava, mesh,
 
   answer, context = config.sampling.answer, config.sampling.context
   greedy = lambda n: sampling.SamplingParams(temperature=0.0, max_new_tokens=n)
-  out = generation("answers", stages._sample_params(answer), 2)  # pylint: disable=protected-access
-  out += generation("contexts", stages._sample_params(context), 1)  # pylint: disable=protected-access
-  if config.judge.mode == "generative":
-    out += generation("judge", greedy(config.judge.max_new_tokens), 1)
+  out = generation("answers", settings.sampling_params(answer), 2)
+  out += generation("contexts", settings.sampling_params(context), 1)
+  if config.self_judge.mode == "generative":
+    out += generation("judge", greedy(config.self_judge.max_new_tokens), 1)
   else:
     out.append(Program("judge score", f"{batch} prompts, {length} tokens",
                        lambda _: sampler._score.lower(state, *prompts)))
@@ -334,7 +332,7 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
   """The Trainer's programs: a training batch's video features, its reference
   log-probs and the DPO update (its micro-batches accumulated inside), and
   `isr-dpo sft`'s features and update."""
-  trainer = train.Trainer(model, iterate.train_config(config), mesh,
+  trainer = train.Trainer(model, settings.dpo_train_config(config), mesh,
                           total_steps=dpo_steps)
   state = trainer.abstract_state()
   batch_size, accum = config.train.batch_size, config.train.grad_accum_steps
@@ -362,7 +360,7 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
               lambda done: trainer.dpo_step.lower(
                   state, pairs, done["train video features"], *reference)),
   ]
-  sft_trainer = train.Trainer(model, sft.train_config(config), mesh,
+  sft_trainer = train.Trainer(model, settings.sft_train_config(config), mesh,
                               total_steps=1000)
   sft_state = sft_trainer.abstract_state()
   sft_size = config.sft.batch_size
@@ -568,9 +566,9 @@ def iteration_estimate(config, rows: Sequence[Row], chip: Chip) -> str:
   sampling_batch, train_batch = config.sampling.batch_size, config.train.batch_size
   s, accum = config.sampling, config.train.grad_accum_steps
   generate = lambda stage, steps: t[f"{stage} prefill"] + steps * t[f"{stage} decode"]
-  if config.judge.mode == "generative":
-    judging = ("(prefill + {} decode steps)".format(config.judge.max_new_tokens),
-               generate("judge", config.judge.max_new_tokens))
+  if config.self_judge.mode == "generative":
+    judging = ("(prefill + {} decode steps)".format(config.self_judge.max_new_tokens),
+               generate("judge", config.self_judge.max_new_tokens))
   else:
     judging = ("scoring passes", t["judge score"])
   dpo_steps = batches(config.train.epochs * prompts, train_batch)

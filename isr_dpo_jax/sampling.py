@@ -21,7 +21,6 @@ so results are reproducible and do not depend on the batch around them. Rows
 are split over the mesh's ('data', 'fsdp') axes; parameters keep their own
 shardings.
 """
-import dataclasses
 import functools
 
 import flax.struct
@@ -36,38 +35,7 @@ from flax import nnx
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
 from isr_dpo_jax.data import batching
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  """How the next token is chosen and when a sample ends (static under jit).
-
-  temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off.
-  banned_ids are never produced (e.g. the video placeholder id).
-  """
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  max_new_tokens: int = 64
-  stop_ids: tuple[int, ...] = ()
-  banned_ids: tuple[int, ...] = ()
-
-  def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-    if self.max_new_tokens < 1:
-      raise ValueError(
-          f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
-    object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
-
-  @property
-  def greedy(self) -> bool:
-    return self.temperature == 0
+from isr_dpo_jax.settings import SamplingParams  # with the other typed settings, jax-free
 
 
 def _order_keys(x_f32):

@@ -1,4 +1,4 @@
-"""A run's config, checked before any work starts: the valid values, in one place.
+"""A run's settings: their valid values, checks, and the typed views code takes.
 
 `validate(config, command)` raises ConfigError (a one-line user error) for the
 first value that cannot work: a choice that is not one of the choices, a
@@ -7,23 +7,31 @@ contradict each other. `unknown_key` words the error for a key the config
 does not have, with the nearest key that it has.
 
 The choices are defined here, and the code that acts on them uses these names.
-This module imports nothing heavier than ml_collections (and stdlib-only
-modules of this package), so the command line checks a config before it
-imports jax or touches a model.
+So are the dataclasses that code takes (`TrainConfig`, `LoraConfig`,
+`SamplingParams`) with their defaults, and the functions that build them from
+a config's sections (`dpo_train_config`, `sft_train_config`,
+`sampling_params`, `prompts`): the one place a config becomes typed settings.
+defaults.py reads its defaults from these dataclasses. This module imports
+nothing heavier than ml_collections and numpy (and light modules of this
+package), so the command line checks a config before it imports jax or
+touches a model.
 """
 from collections.abc import Callable, Iterator
+import dataclasses
 import difflib
 import os
 import re
+from typing import Any, Literal
 
 import ml_collections
 
 from isr_dpo_jax import errors
+from isr_dpo_jax import judge
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.eval import protocols
 from isr_dpo_jax.eval import test_sets
 
-JUDGE_MODES = ("likelihood", "generative")  # judge.mode
+JUDGE_MODES = judge.MODES  # self_judge.mode: the loop's judges (judges.py)
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")  # dpo.loss_type
 REFERENCES = ("previous", "initial")  # dpo.reference: pi_t or pi_0
 SCHEDULES = ("linear", "cosine")  # train.schedule, sft.schedule
@@ -34,9 +42,152 @@ REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable",
                   "dots_saveable", "everything_saveable")
 MESH_AXES = ("data", "fsdp", "tensor")
 
+# Parameter groups every model family names (models/interface.py).
+VIDEO_TOWER = "video_tower"
+PROJECTOR = "projector"
+# Prompt text lengths (video tokens apart) that batches pad to: a stage
+# compiles one program per bucket it meets (data/batching.py).
+BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+# The LLM's attention and MLP projections (Video-LLaVA's Llama): LoRA's targets.
+LLM_PROJECTIONS = (
+    r"^language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$",)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """rank 0 turns LoRA off (full fine-tuning); scale = alpha / rank (peft's)."""
+  rank: int = 0
+  alpha: float = 16.0
+  targets: tuple[str, ...] = LLM_PROJECTIONS
+
+  def __post_init__(self):
+    if self.rank < 0 or self.alpha <= 0 or (self.rank and not self.targets):
+      raise ValueError(f"LoRA needs rank >= 0, alpha > 0 and a target, got rank "
+                       f"{self.rank}, alpha {self.alpha}, targets {self.targets}")
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training stage (train.Trainer); the defaults are the lineage's DPO recipe.
+
+  LLaVA-Hound-DPO (docs/method.md, section 3): AdamW at 5e-7, linear decay
+  after 10% warmup, beta 0.1, sigmoid loss, the video tower and projector
+  frozen. `max_grad_norm` 1.0 and no weight decay are HF Trainer's defaults,
+  which that recipe keeps. Weight decay, when set, skips 1-D parameters
+  (norms and biases), as HF Trainer does. `remat` names a
+  `jax.checkpoint_policies` policy applied to every decoder layer, e.g.
+  "nothing_saveable" (keep only layer inputs) or
+  "dots_with_no_batch_dims_saveable" (keep the projections, recompute
+  attention and activations); None stores everything. `grad_accum_steps`
+  microbatches make one update (the batch must split evenly); `packed` puts
+  prompt, chosen and rejected in one row per pair. `lora` with a rank > 0
+  trains low-rank adapters on its target kernels instead of the model
+  (lora.py); the whole model is then frozen and `frozen` is not used.
+  """
+  learning_rate: float = 5e-7
+  schedule: Literal[SCHEDULES] = "linear"
+  warmup_ratio: float = 0.1
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+  max_grad_norm: float | None = 1.0
+  grad_accum_steps: int = 1
+  frozen: tuple[str, ...] = (VIDEO_TOWER, PROJECTOR)
+  remat: str | None = None
+  packed: bool = True
+  beta: float = 0.1
+  loss_type: Literal[LOSS_TYPES] = "sigmoid"
+  label_smoothing: float = 0.0
+  length_penalty: float = 0.0
+  length_normalized: bool = False
+  dpo_alpha: float = 1.0
+  gamma: float = 0.0
+  lora: LoraConfig = LoraConfig()
+
+  def dpo_loss_options(self) -> dict[str, Any]:
+    """Keyword arguments of `dpo.dpo_loss`."""
+    names = ("beta", "loss_type", "label_smoothing", "length_penalty",
+             "length_normalized")
+    return {name: getattr(self, name) for name in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How the next token is chosen and when a sample ends (static under jit).
+
+  temperature 0 means greedy; top_k 0 and top_p 1 switch those filters off.
+  banned_ids are never produced (e.g. the video placeholder id).
+  """
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  max_new_tokens: int = 64
+  stop_ids: tuple[int, ...] = ()
+  banned_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.max_new_tokens < 1:
+      raise ValueError(
+          f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+    object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+
+def dpo_train_config(config: ml_collections.ConfigDict) -> TrainConfig:
+  """The DPO update's recipe: config.train and config.dpo."""
+  return _typed(TrainConfig, config.train, config.dpo,
+                lora=_typed(LoraConfig, config.train.lora))
+
+
+def sft_train_config(config: ml_collections.ConfigDict) -> TrainConfig:
+  """The SFT update's recipe: config.sft, with the run's remat and LoRA."""
+  return _typed(TrainConfig, config.sft, remat=config.train.remat,
+                lora=_typed(LoraConfig, config.train.lora))
+
+
+def sampling_params(section: ml_collections.ConfigDict) -> SamplingParams:
+  """config.sampling.answer or .context as the sampler takes it."""
+  return _typed(SamplingParams, section)
+
+
+def prompts(config: ml_collections.ConfigDict) -> judge.Prompts:
+  """The wording of contexts and judge questions (config.prompts)."""
+  return _typed(judge.Prompts, config.prompts)
+
+
+def _typed(cls, *sections: ml_collections.ConfigDict, **values):
+  """A `cls` whose fields the sections' keys of the same names set (later
+  sections and `values` win); lists become tuples, as the fields are."""
+  names = {field.name for field in dataclasses.fields(cls)}
+  from_sections = {key: tuple(value) if isinstance(value, list) else value
+                   for section in sections for key, value in section.items()
+                   if key in names}
+  return cls(**(from_sections | values))
 
 class ConfigError(errors.UserError):
   """A config value that cannot work; the message names its key."""
+
+
+GROUND_TRUTH_WITHOUT_WORLD = (
+    "self_judge.mode='ground_truth': this judge knows the answers of the "
+    "synthetic world only, and config.world is None; set config.world or "
+    "choose one of " + ", ".join(m for m in JUDGE_MODES if m != "ground_truth"))
 
 
 # A check of one value: None if the value works, else what it must be.
@@ -96,7 +247,7 @@ NON_NEGATIVE = _must("a number >= 0", lambda x: _is_number(x) and x >= 0)
 SHARE = _must("a number in [0, 1]", lambda x: _is_number(x) and 0 <= x <= 1)
 REGEXES = _must("a list of regular expressions", lambda x: isinstance(
     x, (list, tuple)) and all(map(_compiles, x)))
-BUCKETS = _must("increasing integers >= 1", lambda x: isinstance(
+INCREASING = _must("increasing integers >= 1", lambda x: isinstance(
     x, (list, tuple)) and len(x) > 0 and all(_is_int(b) and b >= 1 for b in x)
                 and list(x) == sorted(set(x)))
 
@@ -127,13 +278,13 @@ CHECKS: list[tuple[str, Check]] = [
     ("data.prompts_per_iteration", COUNT),
     ("data.max_error_rate", SHARE),
     ("sampling.batch_size", POSITIVE_INT),
-    ("sampling.buckets", BUCKETS),
+    ("sampling.buckets", INCREASING),
     *_sampling_checks("sampling.answer"),
     *_sampling_checks("sampling.context"),
-    ("judge.mode", _one_of(JUDGE_MODES)),
-    ("judge.threshold", SHARE),
-    ("judge.batch_size", POSITIVE_INT),
-    ("judge.max_new_tokens", POSITIVE_INT),
+    ("self_judge.mode", _one_of(JUDGE_MODES)),
+    ("self_judge.threshold", SHARE),
+    ("self_judge.batch_size", POSITIVE_INT),
+    ("self_judge.max_new_tokens", POSITIVE_INT),
     ("dpo.beta", POSITIVE),
     ("dpo.loss_type", _one_of(LOSS_TYPES)),
     ("dpo.label_smoothing", _must("a number in [0, 0.5)",
@@ -218,7 +369,8 @@ def _check_consistency(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_inputs(config: ml_collections.ConfigDict, command: str) -> None:
-  """The paths `command` reads exist; the synthetic world is on or off whole."""
+  """The paths `command` reads exist; the synthetic world is on or off whole,
+  and what needs it (the ground-truth judge) has it."""
   if config.world is not None:
     if config.data.video_root:
       raise ConfigError(
@@ -229,6 +381,8 @@ def _check_inputs(config: ml_collections.ConfigDict, command: str) -> None:
   elif command == "demo":
     raise ConfigError("world=None: the demo runs on the synthetic world; for "
                       "your own data use `isr-dpo sft`, `iterate` and `eval`")
+  elif config.self_judge.mode == "ground_truth":
+    raise ConfigError(GROUND_TRUTH_WITHOUT_WORLD)
   if command == "plan":  # compiles programs, reads no inputs
     return
   own_data = config.world is None

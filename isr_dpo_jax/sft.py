@@ -16,10 +16,10 @@ import ml_collections
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import checkpoint
-from isr_dpo_jax import lora
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
+from isr_dpo_jax import settings
 from isr_dpo_jax import train
 from isr_dpo_jax.data import loader as loader_lib
 from isr_dpo_jax.data import templates
@@ -54,7 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
   source = loader_lib.JsonlSource(setup.sft_data, "qa", frames, config.data.max_error_rate)
   cfg = config.sft
   num_steps = math.ceil(cfg.epochs * len(source) / cfg.batch_size)
-  trainer = train.Trainer(model, train_config(config), mesh, total_steps=num_steps)
+  trainer = train.Trainer(model, settings.sft_train_config(config), mesh, total_steps=num_steps)
   batches = iter(loader_lib.Loader(source, "sft", encoder, cfg.batch_size,
                                    seed=config.seed, num_epochs=None,
                                    buckets=config.sampling.buckets))
@@ -71,13 +71,3 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
   models.save_pretrained(model, out, tokenizer=tokenizer)
   logging.info("sft: %d steps on %d records -> %s", num_steps, len(source), out)
   return out
-
-
-def train_config(config) -> train.TrainConfig:
-  """The SFT update's recipe: config.sft, with the run's remat and LoRA."""
-  cfg = config.sft
-  return train.TrainConfig(
-      learning_rate=cfg.learning_rate, schedule=cfg.schedule,
-      warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-      frozen=tuple(cfg.frozen), remat=config.train.remat,
-      lora=lora.Config.from_mapping(config.train.lora))

@@ -26,7 +26,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_config(name: str, **overrides):
-  """configs/<name>.py's config, with flattened overrides ("judge.threshold")."""
+  """configs/<name>.py's config, with flattened overrides ("self_judge.threshold")."""
   spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

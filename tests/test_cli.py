@@ -1,5 +1,7 @@
 """The `isr-dpo` command line: user errors are one line and exit status 2,
 found before any work; the synthetic world switches off from the command line."""
+import os
+import subprocess
 import sys
 import types
 
@@ -24,7 +26,8 @@ def _fails(argv, capsys) -> str:
 
 
 @pytest.mark.parametrize("override, message", [
-    ("--config.judge.mode=bogus", "judge.mode='bogus': must be one of likelihood, generative"),
+    ("--config.self_judge.mode=bogus",
+     "self_judge.mode='bogus': must be one of likelihood, generative, ground_truth"),
     ("--config.dpo.loss_type=sigmod", "did you mean 'sigmoid'?"),
     ("--config.dpo.betta=0.2", "dpo.betta: no such config key; did you mean dpo.beta?"),
     ("--config.dpo.beta=abc", "--config.dpo.beta=abc"),
@@ -137,3 +140,25 @@ def test_the_command_list_lines_up(capsys):
   assert len(rows) == len(cli.COMMANDS)
   starts = {line.index(doc) for line, (_, doc) in zip(rows, cli.COMMANDS.values())}
   assert len(starts) == 1, rows
+
+
+def test_a_single_process_run_starts_without_noise(tmp_path):
+  """What a smoke run prints before its work: no advice that PyTorch is absent
+  (hidden here, as on a JAX-only host), no probe of a TPU (JAX chooses its
+  backend), no word that jax.distributed did not start; JAX's warnings stay."""
+  script = ("import logging, sys\n"
+            "sys.modules['torch'] = None\n"
+            "from isr_dpo_jax import cli\n"
+            "try:\n"
+            "  cli.main(['isr-dpo', *sys.argv[1:]])\n"
+            "finally:\n"
+            "  logging.getLogger('jax._src.xla_bridge').warning('a real warning')\n")
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  run = subprocess.run([sys.executable, "-c", script, "iterate", f"--config={SMOKE}",
+                        f"--workdir={tmp_path}", "--config.iterations=0"],
+                       capture_output=True, text=True, env=env, timeout=300, check=False)
+  assert run.returncode == 0, run.stderr[-3000:]
+  for noise in ("PyTorch was not found", "Unable to initialize backend",
+                "jax.distributed not started"):
+    assert noise not in run.stderr, run.stderr[-3000:]
+  assert "a real warning" in run.stderr

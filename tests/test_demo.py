@@ -36,7 +36,7 @@ def demo_config():
   config.eval.batch_size = 8
   # A model this small writes no parsable verdict and prefers a letter:
   # judge by letter likelihood and keep pairs on the average, so DPO runs.
-  config.judge.update(mode="likelihood", threshold=0.5, require_agreement=False)
+  config.self_judge.update(mode="likelihood", threshold=0.5, require_agreement=False)
   config.train.update(batch_size=8, epochs=1)
   return config
 

@@ -18,6 +18,7 @@ import time
 import openai
 import pytest
 
+from isr_dpo_jax import defaults
 from isr_dpo_jax import evaluate
 from isr_dpo_jax.eval import judge_client
 from isr_dpo_jax.eval import judge_prompt
@@ -225,8 +226,8 @@ def test_evaluation_with_the_endpoint_from_the_environment(server, tmp_path,
           for i, tag in enumerate(tags)]
   path = tmp_path / "mini.qa.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  config = evaluate.default_config()
-  config.test_sets = [str(path)]
+  config = defaults.get_config().eval
+  config.update(test_sets=[str(path)], scoring="judge")
   config.judge.update(model="judge-test", max_retries=1, backoff_s=0.01,
                       timeout_s=TIMEOUT_S, batch_size=2)
 
@@ -257,8 +258,8 @@ def test_video_chatgpt_protocol_asks_with_its_system_message_counts_yes(
           for i, tag in enumerate(tags)]
   path = tmp_path / "msvd.qa.official.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-  config = evaluate.default_config()
-  config.update(test_sets=[str(path)], protocol="video_chatgpt")
+  config = defaults.get_config().eval
+  config.update(test_sets=[str(path)], scoring="judge", protocol="video_chatgpt")
   config.judge.update(model="judge-test", base_url=server.url,
                       api_key="sk-test", max_retries=0)
 

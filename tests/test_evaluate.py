@@ -13,6 +13,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
+from isr_dpo_jax import defaults
 from isr_dpo_jax import evaluate
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
@@ -68,7 +69,7 @@ def _expected_score(i):
 
 
 def _config(split, scoring="judge"):
-  config = evaluate.default_config()
+  config = defaults.get_config().eval
   config.update(test_sets=[str(split)], scoring=scoring, batch_size=4)
   config.judge.batch_size = 4
   return config
@@ -151,7 +152,7 @@ def test_command_line_picks_the_protocol_and_the_test_sets():
 
 def test_synthetic_world_split_scored_by_its_checker(tmp_path):
   paths = synthetic.write_world(tmp_path / "world", {"test": 3}, size=16)
-  config = evaluate.default_config()
+  config = defaults.get_config().eval
   config.update(test_sets=[str(paths["test_qa"])], scoring="match")
 
   def half_right(records):  # right on the even questions of each clip

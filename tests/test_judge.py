@@ -128,7 +128,7 @@ class LetterPolicy:
 
 
 def _config(mode: str):
-  return conftest.load_config("smoke", **{"judge.mode": mode})
+  return conftest.load_config("smoke", **{"self_judge.mode": mode})
 
 
 def test_the_registry_names_the_modes_config_validation_accepts():
@@ -144,7 +144,7 @@ def test_make_builds_the_judge_judge_mode_names(mode, world):
 def test_an_unknown_mode_is_a_config_error_naming_the_known_ones():
   with pytest.raises(settings.ConfigError) as e:
     judges.make(_config("oracle"), LetterPolicy(), 0)
-  assert str(e.value) == ("judge.mode='oracle': must be one of likelihood, "
+  assert str(e.value) == ("self_judge.mode='oracle': must be one of likelihood, "
                           "generative, ground_truth")
 
 

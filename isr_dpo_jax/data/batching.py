@@ -22,8 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from isr_dpo_jax.data import tokenize
-
-BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
+from isr_dpo_jax.settings import BUCKETS  # config.sampling.buckets' default
 
 
 class _Rows:

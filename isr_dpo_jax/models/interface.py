@@ -37,9 +37,9 @@ from typing import ClassVar, Protocol
 
 import jax
 
-# Parameter groups every family names (see `parameter_groups`).
-VIDEO_TOWER = "video_tower"
-PROJECTOR = "projector"
+# Parameter groups every family names (see `parameter_groups`); defined with
+# the settings that name them (train.frozen, sft.frozen).
+from isr_dpo_jax.settings import PROJECTOR, VIDEO_TOWER
 
 
 @dataclasses.dataclass(frozen=True)
