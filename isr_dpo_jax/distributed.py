@@ -37,7 +37,6 @@ import socket
 import threading
 
 import jax
-from jax.experimental import mesh_utils
 from jax.experimental import multihost_utils
 
 ENV_COORDINATOR = "ISR_DPO_COORDINATOR"
@@ -143,36 +142,13 @@ def process_slice(num_items):
   return slice(start, start + per_process + (index < rest))
 
 
-def process_rows(sharding, global_shape):
-  """Rows (leading axis) of a global array that this process holds.
-
-  Feed exactly these rows to `jax.make_array_from_process_local_data(sharding,
-  rows, global_shape)`; they depend on how the mesh orders devices, so derive
-  them from the sharding rather than from the process index.
-  """
-  indices = sharding.addressable_devices_indices_map(global_shape).values()
-  spans = sorted({index[0].indices(global_shape[0])[:2] for index in indices})
-  start, stop = spans[0]
-  for span_start, span_stop in spans[1:]:
-    if span_start > stop:
-      raise ValueError(f"Rows of process {jax.process_index()} are not "
-                       f"contiguous under {sharding}: {spans}.")
-    stop = max(stop, span_stop)
-  return slice(start, stop)
-
-
-def device_grid(ici_shape, dcn_shape=None):
-  """All devices arranged for a mesh whose axis sizes are ici_shape * dcn_shape.
-
-  `dcn_shape` axes cross the data-centre network between granules: the TPU
-  slices in multislice, else the processes (hosts). Put the DCN factor on the
-  data axis (one gradient all-reduce per step), keep fsdp / tensor within.
-  """
-  if dcn_shape is None or math.prod(dcn_shape) == 1:
-    return mesh_utils.create_device_mesh(ici_shape)
-  one_slice = len({getattr(d, "slice_index", 0) for d in jax.devices()}) == 1
-  return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape,
-                                              process_is_granule=one_slice)
+def per_process(batch_size, knob):
+  """Each process's share of a global batch size (the config's `knob`)."""
+  share, rest = divmod(batch_size, jax.process_count())
+  if rest:
+    raise ValueError(f"{knob}={batch_size} does not divide over "
+                     f"{jax.process_count()} processes")
+  return share
 
 
 def _int_or_env(value, environ, name):

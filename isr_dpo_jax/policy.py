@@ -10,12 +10,12 @@ import dataclasses
 import os
 import zlib
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import checkpoint
+from isr_dpo_jax import distributed
 from isr_dpo_jax import generate
 from isr_dpo_jax import models
 from isr_dpo_jax import sampling
@@ -23,15 +23,6 @@ from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video as video_lib
 from isr_dpo_jax.data import video_cache
-
-
-def per_process(batch_size: int, knob: str) -> int:
-  """Each process's share of a global batch size (the config's `knob`)."""
-  share, rest = divmod(batch_size, jax.process_count())
-  if rest:
-    raise ValueError(f"{knob}={batch_size} does not divide over "
-                     f"{jax.process_count()} processes")
-  return share
 
 
 def stable_uid(*parts) -> int:
@@ -88,8 +79,8 @@ class Policy:
     return cls.load(
         setup.init_checkpoint, mesh=mesh, template=config.data.template,
         video_root=setup.video_root,
-        batch_size=per_process(config.sampling.batch_size,
-                               "sampling.batch_size"),
+        batch_size=distributed.per_process(config.sampling.batch_size,
+                                           "sampling.batch_size"),
         buckets=config.sampling.buckets, max_length=config.data.max_length,
         params_dir=params_dir, family=config.model.family,
         dtype=jnp.dtype(config.model.dtype),

@@ -341,7 +341,7 @@ def _pair_loader(pairs_path, policy: policy_lib.Policy, batch_size: int, *,
                  shuffle: bool, num_epochs: int | None, seed: int = 0):
   source = loader_lib.JsonlSource(pairs_path, "dpo", policy.frames)
   return loader_lib.Loader(source, "preference", policy.encoder,
-                           policy_lib.per_process(batch_size, "train.batch_size"),
+                           distributed.per_process(batch_size, "train.batch_size"),
                            seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                            buckets=policy.buckets)
 

@@ -184,21 +184,24 @@ def _worker(expected_source, shared_dir):
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
 
+  from isr_dpo_jax import parallel
+
   layout = distributed.initialize(timeout_s=60)
   assert layout.source == expected_source, layout
   index = jax.process_index()
   assert (jax.process_count(), jax.local_device_count()) == (2, 4)
   assert distributed.process_slice(5) == [slice(0, 3), slice(3, 5)][index]
+  assert distributed.per_process(8, "train.batch_size") == 4
 
-  grid = distributed.device_grid((4,), dcn_shape=(2,))
-  assert [d.process_index for d in grid] == [0] * 4 + [1] * 4
-  mesh = jax.sharding.Mesh(grid, ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
-  sharding = NamedSharding(mesh, P("data"))
+  # A batch as the stages split it: each process's block of rows, on the
+  # loop's mesh, makes the global array.
+  mesh = parallel.make_mesh({"data": -1})
+  sharding = NamedSharding(mesh, P(parallel.BATCH_AXES))
   x_8x3 = np.arange(24, dtype=np.float32).reshape(8, 3)
-  rows = distributed.process_rows(sharding, x_8x3.shape)
-  assert rows == slice(4 * index, 4 * index + 4)
-  x = jax.make_array_from_process_local_data(sharding, x_8x3[rows], x_8x3.shape)
+  rows = distributed.process_slice(len(x_8x3))
+  x = jax.make_array_from_process_local_data(sharding, x_8x3[rows])
+  for shard in x.addressable_shards:  # each row where the batch has it
+    np.testing.assert_array_equal(shard.data, x_8x3[shard.index])
 
   sum_sq_3 = jax.jit(lambda a: (a ** 2).sum(0),
                      out_shardings=NamedSharding(mesh, P()))(x)

@@ -48,8 +48,6 @@ def _worker(workdir):
   """One process: its rows of the batch in, its rows of the samples out."""
   # pylint: disable=g-import-not-at-top
   import jax
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
 
   from isr_dpo_jax import distributed
   from isr_dpo_jax import models
@@ -60,8 +58,7 @@ def _worker(workdir):
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sampler = sampling.Sampler(models.load_pretrained(workdir, mesh=mesh), mesh)
   batch = np.load(workdir / "batch.npz")
-  rows = distributed.process_rows(
-      NamedSharding(mesh, P(parallel.BATCH_AXES)), batch["ids"].shape)
+  rows = distributed.process_slice(len(batch["ids"]))  # as the stages split
   out = sampler(*(batch[k][rows] for k in ("ids", "mask", "videos", "uids")),
                 SAMPLE, num_samples=2)
   np.savez(workdir / f"samples_{jax.process_index()}.npz",
