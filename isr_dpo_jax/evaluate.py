@@ -26,6 +26,7 @@ from pathlib import Path
 from ml_collections import config_dict
 
 from isr_dpo_jax import bootstrap
+from isr_dpo_jax import generate
 from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
@@ -108,7 +109,7 @@ def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
         ok.append(r)
       except video_lib.VideoError as e:
         answers[r.id] = records.BadRecord("bad_video", f"record {r.id}: {e}")
-    uids = [policy_lib.stable_uid("eval", r.id) for r in ok]
+    uids = [generate.stable_uid("eval", r.id) for r in ok]
     samples = policy.sample([r.question for r in ok], pixels, uids, greedy) if ok else []
     answers.update((r.id, s[0].text) for r, s in zip(ok, samples))
     return [answers[r.id] for r in batch]

@@ -8,13 +8,14 @@ and a short last batch filled with dummy rows whose results are dropped. So a
 stage runs a few shapes, each compiled once.
 
 A prompt's samples are drawn with keys from its uid: a stable id given with
-the prompt (e.g. a hash of its record id, so that a resumed stage draws the
+the prompt (`stable_uid` of its record id, so that a resumed stage draws the
 same samples), or else its position in the stream. On several hosts each
 host iterates its own prompts; position uids then fold in the host's index.
 """
 from collections.abc import Iterable, Iterator, Sequence
 import dataclasses
 import itertools
+import zlib
 
 import jax
 from jax.experimental import multihost_utils
@@ -51,6 +52,12 @@ class Sample:
   @property
   def length(self) -> int:
     return len(self.token_ids)
+
+
+def stable_uid(*parts) -> int:
+  """A prompt's uid from what names it (a stage, a record id): 31 bits of
+  its CRC-32, the same in every run and on every host."""
+  return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 def prompt_uid(prompt: Prompt, position: int) -> int:

@@ -23,6 +23,7 @@ from typing import Protocol
 import ml_collections
 import numpy as np
 
+from isr_dpo_jax import generate
 from isr_dpo_jax import judge
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
@@ -108,7 +109,7 @@ class Generative:
 
   def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
     questions, frames = _questions_and_frames(pairs)
-    uids = [policy_lib.stable_uid("verdict", p.id, o) for p in pairs for o in (0, 1)]
+    uids = [generate.stable_uid("verdict", p.id, o) for p in pairs for o in (0, 1)]
     texts = [s[0].text for s in self.policy.sample(questions, frames, uids,
                                                    self.params, seed=self.seed)]
     letters = [judge.parse_verdict(t) for t in texts]

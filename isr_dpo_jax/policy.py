@@ -8,7 +8,6 @@ samples, or next-token log-probabilities for the likelihood judge.
 from collections.abc import Sequence
 import dataclasses
 import os
-import zlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -23,11 +22,6 @@ from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video as video_lib
 from isr_dpo_jax.data import video_cache
-
-
-def stable_uid(*parts) -> int:
-  """A 31-bit id of a record for its sample keys: the same in every run."""
-  return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
 
 
 @dataclasses.dataclass
@@ -111,7 +105,8 @@ class Policy:
                seed: int = 0) -> list[str]:
     """One answer per text-only question (no video), e.g. as an answer judge."""
     prompts = [generate.Prompt(self.encoder.prompt(t, with_video=False), None,
-                               stable_uid("complete", t)) for t in texts]
+                               generate.stable_uid("complete", t))
+               for t in texts]
     params = self._stopping(params)
     return [s[0].text for s in generate.generate(
         self.sampler, prompts, params, tokenizer=self.tokenizer,

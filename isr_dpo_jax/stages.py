@@ -36,6 +36,7 @@ import tqdm
 
 from isr_dpo_jax import checkpoint
 from isr_dpo_jax import distributed
+from isr_dpo_jax import generate
 from isr_dpo_jax import judge
 from isr_dpo_jax import judges
 from isr_dpo_jax import metrics as metrics_lib
@@ -225,7 +226,7 @@ def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
         "responses", batch, lambda x: [x["question"]], policy, errors)
     if not any_kept:
       return []
-    uids = [policy_lib.stable_uid("answer", x["id"]) for x in kept]
+    uids = [generate.stable_uid("answer", x["id"]) for x in kept]
     samples = policy.sample([q for (q,) in questions], pixels, uids, params,
                             num_samples=2, seed=seed)
     out = _all_processes([dict(id=x["id"], video=x["video"], question=x["question"],
@@ -261,7 +262,7 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
     if not any_kept:
       return []
     questions = [q for (q,) in questions]
-    uids = [policy_lib.stable_uid("context", x["id"]) for x in kept]
+    uids = [generate.stable_uid("context", x["id"]) for x in kept]
     samples = policy.sample(questions, pixels, uids, params, seed=seed)
     out = _all_processes([dict(id=x["id"], video=x["video"], previous=before(x), prompt=q,
                               context=s[0].text, length=s[0].length)

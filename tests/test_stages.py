@@ -174,7 +174,7 @@ def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mo
       evidence += policy.next_token_logprobs(questions, frames,
                                              policy.letter_ids("AB")).reshape(-1, 2, 2).tolist()
     else:
-      uids = [policy_lib.stable_uid("verdict", x["id"], o) for x in batch for o in (0, 1)]
+      uids = [generate.stable_uid("verdict", x["id"], o) for x in batch for o in (0, 1)]
       params = sampling.SamplingParams(temperature=0.0,
                                        max_new_tokens=cfg.self_judge.max_new_tokens)
       texts = [s[0].text for s in policy.sample(questions, frames, uids, params, seed=7)]
