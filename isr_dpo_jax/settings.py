@@ -53,7 +53,6 @@ LLM_PROJECTIONS = (
     r"^language_model/layers/\d+/(self_attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/kernel$",)
 
 
-
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """rank 0 turns LoRA off (full fine-tuning); scale = alpha / rank (peft's)."""
@@ -179,6 +178,7 @@ def _typed(cls, *sections: ml_collections.ConfigDict, **values):
                    for section in sections for key, value in section.items()
                    if key in names}
   return cls(**(from_sections | values))
+
 
 class ConfigError(errors.UserError):
   """A config value that cannot work; the message names its key."""
