@@ -55,10 +55,13 @@ class Verdicts:
       counted in the summary), or None.
     evidence: per pair, what the verdict rests on, JSON-ready: it is the
       judgment record's "raw".
+    tokens: the tokens of the judge's kind (Judge.token_kind) that its model
+      handled for these pairs: the stage's tokens/s.
   """
   p_y1_Nx2: np.ndarray
   no_verdict: list[str | None]
   evidence: list
+  tokens: int
 
 
 class Judge(Protocol):
@@ -69,7 +72,11 @@ class Judge(Protocol):
   from the run's config, pi_t, the iteration's seed and the synthetic
   world's ground_truth.jsonl (None on other data). It is called on every
   process, on that process's pairs of each batch, possibly none.
+
+  `token_kind` says what Verdicts.tokens counts: "prompt" tokens read or
+  "generated" tokens written by the policy ("" for a judge without a model).
   """
+  token_kind: str
 
   def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
     ...
@@ -83,6 +90,7 @@ def _questions_and_frames(pairs: Sequence[Pair]) -> tuple[list[str], list[np.nda
 
 class Likelihood:
   """pi_t's next-token probabilities of A and B: one forward pass per order."""
+  token_kind = "prompt"
 
   def __init__(self, config, policy: policy_lib.Policy, seed: int, ground_truth):
     del config, seed, ground_truth  # unused
@@ -93,13 +101,15 @@ class Likelihood:
     questions, frames = _questions_and_frames(pairs)
     logps = self.policy.next_token_logprobs(questions, frames, self.letters)
     logps_Nx2x2 = logps.reshape(-1, 2, 2)
+    tokens = sum(len(self.policy.encoder.prompt(q)) for q in questions)
     return Verdicts(judge.letter_preferences(logps_Nx2x2), [None] * len(pairs),
-                    logps_Nx2x2.tolist())
+                    logps_Nx2x2.tolist(), tokens)
 
 
 class Generative:
   """pi_t writes a verdict per order, greedily; one naming no single response
   is unparsable, never guessed."""
+  token_kind = "generated"
 
   def __init__(self, config, policy: policy_lib.Policy, seed: int, ground_truth):
     del ground_truth  # unused
@@ -110,12 +120,14 @@ class Generative:
   def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
     questions, frames = _questions_and_frames(pairs)
     uids = [generate.stable_uid("verdict", p.id, o) for p in pairs for o in (0, 1)]
-    texts = [s[0].text for s in self.policy.sample(questions, frames, uids,
-                                                   self.params, seed=self.seed)]
+    samples = [s for s, in self.policy.sample(questions, frames, uids, self.params,
+                                              seed=self.seed)]
+    texts = [s.text for s in samples]
     letters = [judge.parse_verdict(t) for t in texts]
     p_y1_Nx2, parsed = judge.verdict_preferences(list(zip(letters[0::2], letters[1::2])))
     return Verdicts(p_y1_Nx2, [None if ok else judge.UNPARSABLE for ok in parsed],
-                    [list(t) for t in zip(texts[0::2], texts[1::2])])
+                    [list(t) for t in zip(texts[0::2], texts[1::2])],
+                    sum(s.length for s in samples))
 
 
 # Why the ground truth gives no verdict on a pair.
@@ -142,6 +154,7 @@ class GroundTruth:
   under this judge has a fault in its machinery, not in its judge. It exists
   only where ground truth does: on the synthetic world (config.world).
   """
+  token_kind = ""  # no model
 
   def __init__(self, config, policy, seed: int, ground_truth: pathlib.Path | None):
     del config, policy, seed  # unused
@@ -161,7 +174,7 @@ class GroundTruth:
                         NEITHER_CORRECT if not any(correct) else None)
       evidence.append(dict(answer=answer, correct=correct))
     return Verdicts(np.repeat(np.array(p_y1, np.float64)[:, None], 2, axis=1),
-                    no_verdict, evidence)
+                    no_verdict, evidence, tokens=0)
 
 
 # config.self_judge.mode -> judge; the same names as judge.MODES.

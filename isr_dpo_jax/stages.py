@@ -50,22 +50,49 @@ from isr_dpo_jax.data import video as video_lib
 
 @dataclasses.dataclass
 class Summary:
-  """A stage's one-line account: records in, out, dropped by reason, tokens/s."""
+  """A stage's one-line account: records in, out, dropped by reason, speed.
+
+  `tokens` counts the model's work in this run, of the kind `token_kind`
+  names: "generated" (answers, contexts, a generative judge's verdicts) or
+  "prompt" (read in one forward pass: the likelihood judge). `resumed` counts
+  the items found done on disk when the stage started (a rerun after a kill);
+  `seconds` and `tokens` are this run's only.
+  """
   stage: str
   records_in: int = 0
   records_out: int = 0
   dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   tokens: int = 0
+  token_kind: str = "generated"
+  resumed: int = 0
   seconds: float = 0.0
+
+  def done_before(self) -> bool:
+    """Whether every item was done before this run: it did none of the work."""
+    return 0 < self.resumed == self.records_in
+
+  def speed(self, seconds: float) -> str:
+    """"123 generated tokens/s" over `seconds`; "" before any token."""
+    if not (self.tokens and seconds):
+      return ""
+    return f"{self.tokens / seconds:.0f} {self.token_kind} tokens/s"
 
   def line(self) -> str:
     drops = ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())) or "none"
-    speed = f", {self.tokens / self.seconds:.0f} tokens/s" if self.tokens and self.seconds else ""
-    return (f"{self.stage}: {self.records_in} in, {self.records_out} out, "
-            f"dropped: {drops}{speed}, {self.seconds:.1f}s")
+    head = f"{self.stage}: {self.records_in} in, {self.records_out} out, dropped: {drops}"
+    if self.done_before():
+      return f"{head}, resumed (done)"
+    parts = [f"{self.resumed} resumed" if self.resumed else "",
+             self.speed(self.seconds), f"{self.seconds:.1f}s"]
+    return ", ".join([head, *filter(None, parts)])
 
   def as_dict(self) -> dict:
     return {**vars(self), "dropped": dict(self.dropped)}
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Summary":
+    """The Summary of `as_dict`'s output (summary.json's "stages")."""
+    return cls(**{**d, "dropped": collections.Counter(d["dropped"])})
 
 
 def _all_processes(local: list) -> list:
@@ -161,23 +188,29 @@ def run_batches(summary: Summary, path, items: Sequence[dict], batch_size: int,
   """Appends `work(batch)` records for every fixed batch not yet written.
 
   `work` runs on every process and returns the whole batch's records. The
-  stage's progress bar, time and counts go to `summary`. After each batch,
-  the items skipped so far are held against `max_error_rate`.
+  stage's progress bar (items, and `summary.speed`), time and counts go to
+  `summary`. After each batch, the items skipped so far are held against
+  `max_error_rate`.
   """
   clock = time.perf_counter()
-  with _appender(path) as out, tqdm.tqdm(
-      total=len(items), desc=summary.stage, unit="item", dynamic_ncols=True,
-      disable=not distributed.is_main_process()) as bar:
+  with _appender(path) as out:
     skipped = errors.done(summary.stage)
-    for start in range(0, len(items), batch_size):
-      batch = items[start:start + batch_size]
-      if not all(x["id"] in out.done or x["id"] in skipped for x in batch):
-        for record in work(batch):
-          if record["id"] not in out.done:
-            out.append(record)
-        bar.set_postfix(tokens_per_s=f"{summary.tokens / (time.perf_counter() - clock):.0f}")
-      errors.check(summary.stage, len(items), max_error_rate)
-      bar.update(len(batch))
+    batches = [items[start:start + batch_size]
+               for start in range(0, len(items), batch_size)]
+    done = [all(x["id"] in out.done or x["id"] in skipped for x in batch)
+            for batch in batches]
+    summary.resumed = sum(len(b) for b, d in zip(batches, done) if d)
+    with tqdm.tqdm(total=len(items), initial=summary.resumed, desc=summary.stage,
+                   unit="item", dynamic_ncols=True,
+                   disable=not distributed.is_main_process() or all(done)) as bar:
+      for batch, batch_done in zip(batches, done):
+        if not batch_done:
+          for record in work(batch):
+            if record["id"] not in out.done:
+              out.append(record)
+          bar.update(len(batch))
+          bar.set_postfix_str(summary.speed(time.perf_counter() - clock))
+        errors.check(summary.stage, len(items), max_error_rate)
     written = list(out.records)
   summary.records_out, summary.dropped = len(written), errors.count(summary.stage)
   summary.seconds = time.perf_counter() - clock
@@ -286,9 +319,10 @@ def judgments(answered: list[dict], context_of: dict[str, str],
   so that all judges see the same pairs. `ground_truth` is the synthetic
   world's file, for self_judge.mode="ground_truth".
   """
-  summary = Summary("judgments", records_in=len(answered))
-  prompts = settings.prompts(cfg)
   judge_fn = judges.make(cfg, policy, seed, ground_truth)
+  summary = Summary("judgments", records_in=len(answered),
+                    token_kind=judge_fn.token_kind)
+  prompts = settings.prompts(cfg)
 
   def context(x: dict) -> str | None:
     return context_of.get(x["video"]) if cfg.self_judge.use_context else None
@@ -303,6 +337,7 @@ def judgments(answered: list[dict], context_of: dict[str, str],
     verdicts = judge_fn([judges.Pair(x["id"], x["video"], x["question"], tuple(x["responses"]),
                                      context(x), tuple(q), p)
                          for x, q, p in zip(kept, questions, pixels)])
+    summary.tokens += sum(_all_processes([verdicts.tokens]))
     p_y1, agree = judge.average_orders(verdicts.p_y1_Nx2,
                                        [r is None for r in verdicts.no_verdict])
     out = []

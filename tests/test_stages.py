@@ -114,6 +114,40 @@ def test_undecodable_videos_past_the_error_rate_stop_the_run(tmp_path):
   assert len(answered) == 2 and summary.dropped == {"bad_video": 10}
 
 
+def test_a_finished_stage_rerun_says_resumed_not_its_time(tmp_path):
+  items = [prompt(i) for i in range(12)]  # batches of 8 and 4
+  run = lambda: stages.responses(items, FakePolicy(), config(0.5), 0,
+                                 tmp_path / "responses.jsonl",
+                                 stages.ErrorLog(tmp_path / "errors.jsonl"))
+  first, summary = run()
+  assert summary.resumed == 0 and summary.line().endswith("s")
+  lines = (tmp_path / "responses.jsonl").read_text().splitlines(keepends=True)
+  (tmp_path / "responses.jsonl").write_text("".join(lines[:8]))  # killed in batch 2
+  again, summary = run()
+  assert again == first and summary.resumed == 8
+  assert ", 8 resumed, " in summary.line()
+  again, summary = run()
+  assert again == first and summary.done_before() and summary.tokens == 0
+  assert summary.line() == "responses: 12 in, 12 out, dropped: none, resumed (done)"
+
+
+@pytest.mark.parametrize("mode, kind", [("likelihood", "prompt"),
+                                        ("generative", "generated")])
+def test_the_judgments_summary_counts_the_judge_s_tokens(mode, kind, tmp_path):
+  answered = [dict(prompt(i), responses=["yes", "no"]) for i in range(3)]
+  cfg = conftest.load_config("smoke", **{"self_judge.mode": mode})
+  _, summary = stages.judgments(answered, {}, FakePolicy(), cfg, 0,
+                                tmp_path / "judgments.jsonl",
+                                stages.ErrorLog(tmp_path / "errors.jsonl"))
+  questions = [q for x in answered for q in judge.judge_questions(
+      judge.Prompts(), x["question"], *x["responses"], None)]
+  read = sum(len(FakePolicy().prompt(q)) for q in questions)
+  written = sum(s.length for q in questions for s, in FakePolicy().sample([q], [], [], None))
+  assert (summary.token_kind, summary.tokens) == (
+      kind, {"prompt": read, "generated": written}[kind])
+  assert f" {kind} tokens/s, " in summary.line()
+
+
 # The judgments stage with each judge.
 
 
