@@ -24,6 +24,29 @@ from isr_dpo_jax.data import video as video_lib
 from isr_dpo_jax.data import video_cache
 
 
+def load_model(path: str | os.PathLike, *, mesh, template: str,
+               max_length: int = 2048, family: str = models.registry.DEFAULT,
+               dtype=jnp.float32, params_dir: str | os.PathLike | None = None):
+  """(model, tokenizer, encoder): a model and what turns text into its inputs.
+
+  The model of `family` from the checkpoint directory `path`, on `mesh`, its
+  parameters float32 (master weights) computing in `dtype`; with the
+  parameters that `checkpoint.save_params` wrote to `params_dir` instead of
+  the checkpoint's, if given. The checkpoint's tokenizer, with the video
+  token; the text encoder of the chat `template`.
+  """
+  model = models.load_pretrained(path, family=family, dtype=dtype,
+                                 param_dtype=jnp.float32, mesh=mesh)
+  if params_dir is not None:
+    checkpoint.load_params(model, params_dir)
+  tokenizer = models.load_tokenizer(path)
+  tokenize.add_video_token(tokenizer)
+  encoder = tokenize.TextEncoder(
+      tokenizer, templates.resolve(template), model.video.token_id,
+      model.video.num_tokens, max_length=max_length)
+  return model, tokenizer, encoder
+
+
 @dataclasses.dataclass
 class Policy:
   """A model (models.VideoLanguageModel) with everything needed to prompt it."""
@@ -36,28 +59,21 @@ class Policy:
   buckets: tuple[int, ...]
 
   @classmethod
-  def load(cls, checkpoint: str | os.PathLike, *, mesh, template: str,
+  def load(cls, path: str | os.PathLike, *, mesh, template: str,
            video_root: str | os.PathLike, batch_size: int,
            buckets: Sequence[int], max_length: int = 2048,
            params_dir: str | os.PathLike | None = None,
            family: str = models.registry.DEFAULT, dtype=jnp.float32,
            prepared_videos: str | os.PathLike | None = None) -> "Policy":
-    """pi_0 of `family` from a checkpoint directory; pi_t with the params
-    saved in params_dir.
+    """pi_0 from the checkpoint directory `path`; pi_t with the params saved
+    in params_dir (see `load_model`).
 
-    `dtype` is the compute dtype; parameters stay float32 (master weights).
     Videos are read from `prepared_videos` (video_cache.prepare) if given,
     else decoded from `video_root` each time.
     """
-    model = models.load_pretrained(checkpoint, family=family, dtype=dtype,
-                                   param_dtype=jnp.float32, mesh=mesh)
-    if params_dir is not None:
-      checkpoint.load_params(model, params_dir)
-    tokenizer = models.load_tokenizer(checkpoint)
-    tokenize.add_video_token(tokenizer)
-    encoder = tokenize.TextEncoder(
-        tokenizer, templates.resolve(template), model.video.token_id,
-        model.video.num_tokens, max_length=max_length)
+    model, tokenizer, encoder = load_model(
+        path, mesh=mesh, template=template, max_length=max_length,
+        family=family, dtype=dtype, params_dir=params_dir)
     frames = video_cache.Frames(video_root, model.video.num_frames,
                                 model.video.frame_size, prepared_videos)
     return cls(model, tokenizer, encoder, sampling.Sampler(model, mesh),

@@ -19,11 +19,10 @@ from isr_dpo_jax import checkpoint
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
+from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import settings
 from isr_dpo_jax import train
 from isr_dpo_jax.data import loader as loader_lib
-from isr_dpo_jax.data import templates
-from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video_cache
 
 
@@ -41,14 +40,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> pathli
     return out
   mesh = parallel.make_mesh(dict(config.mesh))
   setup = bootstrap.prepare(config, workdir)
-  model = models.load_pretrained(setup.init_checkpoint, family=config.model.family,
-                                 mesh=mesh, dtype=jnp.dtype(config.model.dtype),
-                                 param_dtype=jnp.float32)
-  tokenizer = models.load_tokenizer(setup.init_checkpoint)
-  tokenize.add_video_token(tokenizer)
-  encoder = tokenize.TextEncoder(
-      tokenizer, templates.resolve(config.data.template), model.video.token_id,
-      model.video.num_tokens, max_length=config.data.max_length)
+  model, tokenizer, encoder = policy_lib.load_model(
+      setup.init_checkpoint, mesh=mesh, template=config.data.template,
+      max_length=config.data.max_length, family=config.model.family,
+      dtype=jnp.dtype(config.model.dtype))
   frames = video_cache.Frames(setup.video_root, model.video.num_frames,
                               model.video.frame_size)
   source = loader_lib.JsonlSource(setup.sft_data, "qa", frames, config.data.max_error_rate)
