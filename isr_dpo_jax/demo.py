@@ -71,6 +71,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.getLogger("absl").setLevel(logging.WARNING)
   summary = run(config, workdir)
   print(table(summary))
+  print(f"report: {pathlib.Path(workdir) / 'report.md'}")
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> dict:

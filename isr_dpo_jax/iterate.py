@@ -19,12 +19,14 @@ import json
 import logging
 import math
 import pathlib
+import sys
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import tqdm
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import checkpoint
@@ -44,7 +46,8 @@ from isr_dpo_jax.data import records
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.getLogger().setLevel(logging.INFO)
   logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save chatter
-  run(config, workdir)
+  if run(config, workdir) and distributed.is_main_process():
+    print(f"report: {pathlib.Path(workdir) / 'report.md'}")
 
 
 def run(config: ml_collections.ConfigDict, workdir) -> list[dict]:
@@ -135,8 +138,11 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   """One ISR-DPO iteration; a finished one is read back from its summary."""
   it_dir = workdir / f"iter_{t}"
   summary_path = it_dir / "summary.json"
+  header = f"iteration {t + 1}/{config.iterations}: {it_dir}"
   if summary_path.exists():
+    _say(f"{header}, resumed (done)")
     return json.loads(summary_path.read_text())
+  _say(header)
   it_dir.mkdir(parents=True, exist_ok=True)
   seed = config.seed * 1000 + t
   policy = load_policy(config, workdir, mesh, setup, t)
@@ -185,10 +191,15 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   summary["pairs_dropped"] = dict(errors.count("pairs"))
   summary["train"] = report.train_summary(it_dir / "train" / "metrics.jsonl")
   errors.close()
-  for s in (s1, s2, s3):
-    logging.info("iteration %d %s", t, s.line())
+  _say("\n".join(f"  {s.line()}" for s in (s1, s2, s3)))
   _write_summary(it_dir, summary)
   return summary
+
+
+def _say(text: str) -> None:
+  """Progress for the person watching: process 0's stderr, between the bars."""
+  if distributed.is_main_process():
+    tqdm.tqdm.write(text, file=sys.stderr)
 
 
 def _write_report(workdir: pathlib.Path, summaries: list[dict]) -> None:

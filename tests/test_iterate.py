@@ -2,6 +2,7 @@
 import json
 import os
 import pathlib
+import shutil
 import signal
 import stat
 import subprocess
@@ -231,3 +232,14 @@ def test_bad_prompts_are_skipped_named_and_counted(tmp_path):
   assert {p["prompt"] for p in read_jsonl(run / "iter_0" / "pairs.jsonl")} <= {
       json.loads(g)["conversations"][0]["value"].replace("<video>", "").strip()
       for g in good}
+
+
+def test_a_rerun_of_a_finished_run_says_so_and_names_its_report(smoke_run, tmp_path,
+                                                                 capsys):
+  workdir = tmp_path / "run"
+  shutil.copytree(smoke_run[0], workdir)
+  iterate.main(smoke_config(), str(workdir))
+  out, err = capsys.readouterr()
+  assert [line for line in err.splitlines() if line.startswith("iteration ")] == [
+      f"iteration {t + 1}/2: {workdir / f'iter_{t}'}, resumed (done)" for t in (0, 1)]
+  assert out.splitlines()[-1] == f"report: {workdir / 'report.md'}"
