@@ -29,10 +29,17 @@ from isr_dpo_jax.data import batching
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-  """Token ids with the video placeholders expanded, the video, a stable id."""
+  """Token ids with the video placeholders expanded, the video, a stable id.
+
+  With suffixes (text tokens, no video placeholder), the prompt is n
+  questions that start alike, e.g. a judge's two orders: token_ids is their
+  common start, run once, and sample j continues it with suffixes[j]
+  (num_samples = n).
+  """
   token_ids: Sequence[int]
   video: np.ndarray | None = None  # float32 [T, H, W, 3], CLIP-normalised
   uid: int | None = None  # int32 range; None: from the stream position
+  suffixes: tuple[Sequence[int], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,18 +114,36 @@ class _Batch:
   rows: batching.PromptBatch
   videos: np.ndarray | None
   uids: np.ndarray  # int32 [batch_size]
+  suffixes: tuple  # ids and mask [batch_size * n, M], or (None, None)
+
+
+def _suffix_rows(batch: Sequence[Prompt], batch_size: int, num_samples: int,
+                 longest: int, pad_id: int, buckets: Sequence[int]) -> tuple:
+  """The prompts' suffixes, ids and mask left-padded to a bucket: row
+  b * n + j is suffixes[j] of prompt b; (None, None) when there are none."""
+  if not longest:
+    return None, None
+  if any(len(p.suffixes) != num_samples for p in batch):
+    raise ValueError(f"prompts with suffixes need one per sample: "
+                     f"{num_samples} each")
+  return batching.pad(
+      [np.asarray(s, np.int32) for p in batch for s in p.suffixes],
+      batching.bucket_length(longest, buckets), pad_id, left=True,
+      batch_size=batch_size * num_samples)
 
 
 def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
-             batch_size: int, pad_id: int, buckets: Sequence[int]):
+             batch_size: int, pad_id: int, buckets: Sequence[int],
+             num_samples: int = 1):
   position = 0
   stream = iter(prompts)
   while True:
     batch = list(itertools.islice(stream, batch_size))
     longest = max((len(p.token_ids) for p in batch), default=1)
+    longest_suffix = max((len(s) for p in batch for s in p.suffixes), default=0)
     any_video = any(p.video is not None for p in batch)
-    real_anywhere, longest, any_video = _agreed(
-        np.array([len(batch), longest, any_video]))
+    real_anywhere, longest, longest_suffix, any_video = _agreed(
+        np.array([len(batch), longest, longest_suffix, any_video]))
     if not real_anywhere:
       return
     videos = (_videos(batch, batch_size, position, sampler.video.frames_shape)
@@ -132,7 +157,8 @@ def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
     uids[:len(batch)] = [prompt_uid(p, position + i)
                          for i, p in enumerate(batch)]
     yield _Batch(position, len(batch), batching.PromptBatch(ids, mask), videos,
-                 uids)
+                 uids, _suffix_rows(batch, batch_size, num_samples,
+                                    longest_suffix, pad_id, buckets))
     position += len(batch)
 
 
@@ -150,9 +176,11 @@ def generate(sampler: sampling.Sampler, prompts: Iterable[Prompt],
   bar = tqdm.tqdm(unit="tok", desc="generate", disable=not progress,
                   dynamic_ncols=True)
   for b in _batches(sampler, prompts, batch_size, tokenizer.pad_token_id or 0,
-                    buckets):
+                    buckets, num_samples):
+    suffix_ids, suffix_mask = b.suffixes
     out = sampler(b.rows.prompt_ids, b.rows.prompt_mask, b.videos, b.uids,
-                  params, num_samples=num_samples, seed=seed)
+                  params, num_samples=num_samples, seed=seed,
+                  suffix_ids_NxM=suffix_ids, suffix_mask_NxM=suffix_mask)
     real_rows = b.real * num_samples
     bar.update(int(out.lengths[:real_rows].sum()))
     bar.set_postfix(prompts=b.position + b.real)
@@ -163,13 +191,18 @@ def generate(sampler: sampling.Sampler, prompts: Iterable[Prompt],
 
 
 def next_token_logprobs(sampler: sampling.Sampler, prompts: Iterable[Prompt],
-                        *, pad_id: int, batch_size: int,
+                        token_ids: Sequence[int], *, pad_id: int,
+                        batch_size: int, num_suffixes: int = 1,
                         buckets: Sequence[int] = batching.BUCKETS
                         ) -> np.ndarray:
-  """log p(next token) [N, V] after each prompt, batched as `generate` does."""
-  out = []
-  for b in _batches(sampler, prompts, batch_size, pad_id, buckets):
+  """log p(token | prompt) [N, len(token_ids)] after each prompt, batched as
+  `generate` does; prompts with suffixes give one row per suffix
+  (`num_suffixes` each), in order."""
+  out = [np.zeros((0, len(token_ids)), np.float32)]
+  for b in _batches(sampler, prompts, batch_size, pad_id, buckets,
+                    num_suffixes):
     logprobs = sampler.next_token_logprobs(b.rows.prompt_ids,
-                                           b.rows.prompt_mask, b.videos)
-    out.append(logprobs[:b.real])
+                                           b.rows.prompt_mask, b.videos,
+                                           *b.suffixes)
+    out.append(logprobs[:b.real * num_suffixes, list(token_ids)])
   return np.concatenate(out)

@@ -121,6 +121,11 @@ def average_orders(p_y1_Nx2: np.ndarray, judged_N: np.ndarray
   return np.where(judged, p_y1_Nx2.mean(axis=1), 0.5), agree
 
 
+def identical(y1: str, y2: str) -> bool:
+  """Whether two answers are the same (no preference between them exists)."""
+  return y1.strip() == y2.strip()
+
+
 @dataclasses.dataclass(frozen=True)
 class Decision:
   """The outcome for one (y1, y2) pair: a winner (0 or 1) or a drop reason."""
@@ -139,7 +144,7 @@ def decide(y1: str, y2: str, p_y1: float, agree: bool, threshold: float,
   preference alone (for untrained models, whose letter bias dominates).
   """
   confidence = max(p_y1, 1.0 - p_y1)
-  if y1.strip() == y2.strip():
+  if identical(y1, y2):
     return Decision(None, confidence, IDENTICAL)
   if no_verdict is not None:
     return Decision(None, confidence, no_verdict)

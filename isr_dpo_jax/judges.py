@@ -15,7 +15,7 @@ name in judge.MODES (which config validation reads without importing jax).
 judge.py holds the protocol (wording, order arithmetic, decisions); this
 module holds who applies it, which needs the policy or the world's files.
 """
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import dataclasses
 import pathlib
 from typing import Protocol
@@ -82,14 +82,27 @@ class Judge(Protocol):
     ...
 
 
-def _questions_and_frames(pairs: Sequence[Pair]) -> tuple[list[str], list[np.ndarray]]:
-  """Both orders' judge questions of every pair, and each one's video."""
-  return ([q for p in pairs for q in p.orders],
-          [p.pixels for p in pairs for _ in p.orders])
+def _distinct(pairs: Sequence[Pair], judge_fn: Callable[[list[Pair]], Verdicts]
+              ) -> Verdicts:
+  """judge_fn's verdicts on the pairs whose answers differ; pairs of identical
+  answers get none (judge.IDENTICAL, p = 0.5, no evidence) and cost no pass.
+
+  judge_fn is called even on no pairs: on several processes, all run the model.
+  """
+  distinct = [i for i, p in enumerate(pairs) if not judge.identical(*p.responses)]
+  found = judge_fn([pairs[i] for i in distinct])
+  p_y1_Nx2 = np.full((len(pairs), 2), 0.5)
+  p_y1_Nx2[distinct] = found.p_y1_Nx2
+  no_verdict, evidence = [judge.IDENTICAL] * len(pairs), [None] * len(pairs)
+  for i, reason, raw in zip(distinct, found.no_verdict, found.evidence, strict=True):
+    no_verdict[i], evidence[i] = reason, raw
+  return Verdicts(p_y1_Nx2, no_verdict, evidence, found.tokens)
 
 
 class Likelihood:
-  """pi_t's next-token probabilities of A and B: one forward pass per order."""
+  """pi_t's next-token probabilities of A and B after each order: one pass
+  per pair, whose orders share the run of their common start (the video,
+  context and question)."""
   token_kind = "prompt"
 
   def __init__(self, config, policy: policy_lib.Policy, seed: int, ground_truth):
@@ -98,17 +111,22 @@ class Likelihood:
     self.letters = policy.letter_ids("AB")
 
   def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
-    questions, frames = _questions_and_frames(pairs)
-    logps = self.policy.next_token_logprobs(questions, frames, self.letters)
+    return _distinct(pairs, self._judge)
+
+  def _judge(self, pairs: list[Pair]) -> Verdicts:
+    logps = self.policy.next_token_logprobs(
+        [p.orders for p in pairs], [p.pixels for p in pairs], self.letters,
+        per_video=2)
     logps_Nx2x2 = logps.reshape(-1, 2, 2)
-    tokens = sum(len(self.policy.encoder.prompt(q)) for q in questions)
+    tokens = sum(len(self.policy.encoder.prompt(q)) for p in pairs for q in p.orders)
     return Verdicts(judge.letter_preferences(logps_Nx2x2), [None] * len(pairs),
                     logps_Nx2x2.tolist(), tokens)
 
 
 class Generative:
-  """pi_t writes a verdict per order, greedily; one naming no single response
-  is unparsable, never guessed."""
+  """pi_t writes a verdict per order, greedily, the orders sharing the run of
+  their common start; one naming no single response is unparsable, never
+  guessed."""
   token_kind = "generated"
 
   def __init__(self, config, policy: policy_lib.Policy, seed: int, ground_truth):
@@ -118,10 +136,13 @@ class Generative:
                                           max_new_tokens=config.self_judge.max_new_tokens)
 
   def __call__(self, pairs: Sequence[Pair]) -> Verdicts:
-    questions, frames = _questions_and_frames(pairs)
-    uids = [generate.stable_uid("verdict", p.id, o) for p in pairs for o in (0, 1)]
-    samples = [s for s, in self.policy.sample(questions, frames, uids, self.params,
-                                              seed=self.seed)]
+    return _distinct(pairs, self._judge)
+
+  def _judge(self, pairs: list[Pair]) -> Verdicts:
+    uids = [generate.stable_uid("verdict", p.id) for p in pairs]
+    samples = [s for both in self.policy.sample(
+        [p.orders for p in pairs], [p.pixels for p in pairs], uids, self.params,
+        num_samples=2, seed=self.seed) for s in both]
     texts = [s.text for s in samples]
     letters = [judge.parse_verdict(t) for t in texts]
     p_y1_Nx2, parsed = judge.verdict_preferences(list(zip(letters[0::2], letters[1::2])))

@@ -105,11 +105,32 @@ class Policy:
     """float32 [T, S, S, 3] pixels of a video; raises video.VideoError."""
     return video_lib.normalize(self.frames(name))
 
-  def sample(self, questions: Sequence[str], videos: Sequence[np.ndarray],
-             uids: Sequence[int], params: sampling.SamplingParams, *,
-             num_samples: int = 1, seed: int = 0) -> list[list[generate.Sample]]:
-    """`num_samples` answers per (question, video), in order, from one prefill."""
-    prompts = [generate.Prompt(self.encoder.prompt(q), v, uid)
+  def _prompt(self, question: str | tuple[str, ...], video: np.ndarray,
+              uid: int | None = None) -> generate.Prompt:
+    """A question's prompt; several questions about one video (a judge's two
+    orders) share their common start, each continuing it with its own rest
+    (generate.Prompt.suffixes), which holds one token at least."""
+    if isinstance(question, str):
+      return generate.Prompt(self.encoder.prompt(question), video, uid)
+    ids = [self.encoder.prompt(q) for q in question]
+    common = 0
+    while common < min(map(len, ids)) - 1 and len({x[common] for x in ids}) == 1:
+      common += 1
+    if any(self.model.video.token_id in x[common:] for x in ids):
+      raise ValueError("questions sharing a video must differ after it")
+    return generate.Prompt(ids[0][:common], video, uid,
+                           tuple(x[common:] for x in ids))
+
+  def sample(self, questions: Sequence[str | tuple[str, ...]],
+             videos: Sequence[np.ndarray], uids: Sequence[int],
+             params: sampling.SamplingParams, *, num_samples: int = 1,
+             seed: int = 0) -> list[list[generate.Sample]]:
+    """`num_samples` answers per (question, video), in order, from one prefill.
+
+    A tuple of n questions about one video gets one answer to each (n
+    samples), from one prefill of their common start (see `_prompt`).
+    """
+    prompts = [self._prompt(q, v, uid)
                for q, v, uid in zip(questions, videos, uids, strict=True)]
     params = self._stopping(params)
     return list(generate.generate(
@@ -136,13 +157,16 @@ class Policy:
       ids.append(int(tokens[labels][0]))
     return ids
 
-  def next_token_logprobs(self, questions: Sequence[str],
-                          videos: Sequence[np.ndarray], token_ids: Sequence[int]
-                          ) -> np.ndarray:
-    """log p(token | video, question) [N, len(token_ids)] after "ASSISTANT:"."""
-    prompts = [generate.Prompt(self.encoder.prompt(q), v)
-               for q, v in zip(questions, videos, strict=True)]
-    logprobs = generate.next_token_logprobs(
-        self.sampler, prompts, pad_id=self.tokenizer.pad_token_id,
-        batch_size=self.batch_size, buckets=self.buckets)
-    return logprobs[:, list(token_ids)]
+  def next_token_logprobs(self, questions: Sequence[str | tuple[str, ...]],
+                          videos: Sequence[np.ndarray], token_ids: Sequence[int],
+                          *, per_video: int = 1) -> np.ndarray:
+    """log p(token | video, question) [N, len(token_ids)] after "ASSISTANT:".
+
+    With per_video = n > 1 every question is a tuple of n about its video,
+    giving n rows from one run of their common start (see `_prompt`).
+    """
+    prompts = [self._prompt(q, v) for q, v in zip(questions, videos, strict=True)]
+    return generate.next_token_logprobs(
+        self.sampler, prompts, token_ids, pad_id=self.tokenizer.pad_token_id,
+        batch_size=self.batch_size, buckets=self.buckets,
+        num_suffixes=per_video)

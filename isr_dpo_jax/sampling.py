@@ -13,7 +13,10 @@ under the model's own distribution (untempered, unfiltered).
 Engine (`Sampler`). A jitted prefill encodes the videos and runs the
 left-padded prompts once, over their own keys, into a KV cache whose prefix
 (the prompts' keys) the n samples of a prompt share, plus max_new_tokens slots
-of each sample's own (models/interface.py's prefill and decode); a jitted
+of each sample's own (models/interface.py's prefill and decode). Prompt b's
+n rows may each continue it with a suffix of their own, written after the
+shared keys by one multi-token decode call: a judge's two orders run their
+common start (video, context, question) once. A jitted
 `lax.while_loop` then samples and feeds one token per step for every row, in
 place in the donated cache, until all rows hit a stop id or max_new_tokens.
 Sample j of prompt u draws with its own key, fold_in(fold_in(key(seed), u), j),
@@ -169,46 +172,85 @@ def _shard_rows(tree, mesh):
   return jax.tree.map(constrain, tree)
 
 
-def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len=None,
-                   cache_dtype=None, num_samples=1):
-  """Runs left-padded prompts, into a new cache of cache_len slots if given
-  (the prompts' keys shared by num_samples rows each).
+def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len, cache_dtype,
+                   num_samples):
+  """Runs left-padded prompts into a new cache of cache_len slots (the
+  prompts' keys shared by num_samples rows each).
 
-  Returns the logits [B, V] after each prompt and the cache (or None). Left
-  padding puts every row's last token at the end, so the output head runs
-  there alone (XLA would not drop the other L - 1 positions).
+  Returns the logits [B, V] after each prompt and the cache. Left padding
+  puts every row's last token at the end, so the output head runs there
+  alone (XLA would not drop the other L - 1 positions).
   """
   feats_BxNxD = None if videos is None else model.encode_video(videos)
   x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
-  args = (x_BxLxD, batching.positions(mask_BxL), mask_BxL.astype(bool))
-  if cache_len is None:
-    hidden_BxLxD, cache = model.hidden_states(*args)
-  else:
-    hidden_BxLxD, cache = model.prefill(*args, cache_len, cache_dtype,
-                                        num_samples)
+  hidden_BxLxD, cache = model.prefill(
+      x_BxLxD, batching.positions(mask_BxL), mask_BxL.astype(bool), cache_len,
+      cache_dtype, num_samples)
   return model.logits(hidden_BxLxD[:, -1]), cache
 
 
-def _score(graphdef, mesh, state, ids_BxL, mask_BxL, videos):
-  """log p(next token) [B, V] after each prompt, under the model."""
-  logits_BxV, _ = _prompt_logits(nnx.merge(graphdef, state), ids_BxL, mask_BxL,
-                                 videos)
-  return _shard_rows(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)), mesh)
+def _score(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
+           suffix_ids_NxM=None, suffix_mask_NxM=None):
+  """log p(next token) [N, V] after each prompt row, under the model."""
+  rows = len(ids_BxL) if suffix_ids_NxM is None else len(suffix_ids_NxM)
+  logits_NxV, _, _, _ = _prompts_in_cache(
+      nnx.merge(graphdef, state), ids_BxL, mask_BxL, videos, suffix_ids_NxM,
+      suffix_mask_NxM, cache_dtype, extra_slots=0,
+      num_samples=rows // len(ids_BxL))
+  return _shard_rows(jax.nn.log_softmax(logits_NxV.astype(jnp.float32)), mesh)
+
+
+def _prompts_in_cache(model, ids_BxL, mask_BxL, videos, suffix_ids_NxM,
+                      suffix_mask_NxM, cache_dtype, *, extra_slots,
+                      num_samples):
+  """Runs B left-padded prompts once, for N = B * n rows, into a cache with
+  extra_slots empty slots per row after them.
+
+  Without suffixes the n rows of a prompt continue it alike (its samples).
+  With them (N rows of left-padded tokens), row b * n + j
+  continues prompt b with its own suffix, written after the shared prompt's
+  slots in one multi-token decode call: n questions with a common start (a
+  judge's two orders) run that start and encode its video once.
+
+  Returns each row's next-token logits [N, V], the cache, each row's next
+  position [N] and its valid slots [N, S].
+  """
+  length = ids_BxL.shape[1]
+  suffix_len = 0 if suffix_ids_NxM is None else suffix_ids_NxM.shape[1]
+  logits_BxV, cache = _prompt_logits(model, ids_BxL, mask_BxL, videos,
+                                     length + suffix_len + extra_slots,
+                                     cache_dtype, num_samples)
+  repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
+  positions_N = repeat(batching.positions(mask_BxL)[:, -1] + 1)
+  valid_NxS = repeat(jnp.pad(mask_BxL.astype(bool),
+                             ((0, 0), (0, suffix_len + extra_slots))))
+  if suffix_ids_NxM is None:
+    return repeat(logits_BxV), cache, positions_N, valid_NxS
+  suffix_mask_NxM = suffix_mask_NxM.astype(bool)
+  valid_NxS = jax.lax.dynamic_update_slice(valid_NxS, suffix_mask_NxM,
+                                           (0, length))
+  positions_NxM = (positions_N[:, None]
+                   + jnp.cumsum(suffix_mask_NxM, axis=1, dtype=jnp.int32) - 1)
+  hidden_NxMxD, cache = model.hidden_states(model.embed(suffix_ids_NxM),
+                                            positions_NxM, valid_NxS, cache)
+  return (model.logits(hidden_NxMxD[:, -1]), cache,
+          positions_N + jnp.sum(suffix_mask_NxM, axis=1, dtype=jnp.int32),
+          valid_NxS)
 
 
 def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
-             *, num_samples, max_new_tokens):
-  """Runs the prompts once, into a cache that n samples of each share.
+             suffix_ids_NxM=None, suffix_mask_NxM=None, *, num_samples,
+             max_new_tokens):
+  """Runs the prompts once (see `_prompts_in_cache`), into a cache that the
+  n samples of each share.
 
   Returns the next-token logits of every sample and the decode loop's carry.
   """
-  model = nnx.merge(graphdef, state)
-  batch, length = ids_BxL.shape
-  logits_BxV, cache = _prompt_logits(model, ids_BxL, mask_BxL, videos,
-                                     length + max_new_tokens, cache_dtype,
-                                     num_samples)
-  repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
-  rows = batch * num_samples
+  logits_NxV, cache, positions_N, valid_NxS = _prompts_in_cache(
+      nnx.merge(graphdef, state), ids_BxL, mask_BxL, videos, suffix_ids_NxM,
+      suffix_mask_NxM, cache_dtype, extra_slots=max_new_tokens,
+      num_samples=num_samples)
+  rows = logits_NxV.shape[0]
   carry = _Decoding(
       out=Generation(tokens=jnp.zeros((rows, max_new_tokens), jnp.int32),
                      logprobs=jnp.zeros((rows,), jnp.float32),
@@ -216,12 +258,11 @@ def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
                      stopped=jnp.zeros((rows,), bool)),
       done=jnp.zeros((rows,), bool),
       last_tokens=jnp.zeros((rows,), jnp.int32),
-      positions=repeat(batching.positions(mask_BxL)[:, -1] + 1),
-      valid=repeat(jnp.pad(mask_BxL.astype(bool),
-                           ((0, 0), (0, max_new_tokens)))),
+      positions=positions_N,
+      valid=valid_NxS,
       cache=cache,
       step=jnp.zeros((), jnp.int32))
-  return _shard_rows((repeat(logits_BxV), carry), mesh)
+  return _shard_rows((logits_NxV, carry), mesh)
 
 
 def _sample_keys(seed, uids_B, first_sample, num_samples):
@@ -311,7 +352,7 @@ class Sampler:
     self._decode = jax.jit(
         functools.partial(_decode, graphdef, mesh),
         static_argnames=("params", "num_samples"), donate_argnames=("carry",))
-    self._score = jax.jit(functools.partial(_score, graphdef, mesh))
+    self._score = jax.jit(functools.partial(_score, graphdef, mesh, cache_dtype))
 
   def _put(self, x_local):
     """This process's rows -> a global array sharded over the data axes."""
@@ -333,18 +374,29 @@ class Sampler:
         raise ValueError(f"a batch of {batch} prompts per process does not "
                          f"split over the mesh's {shards} data shards")
 
-  def next_token_logprobs(self, ids_BxL, mask_BxL, videos_BxTxHxWx3):
+  def next_token_logprobs(self, ids_BxL, mask_BxL, videos_BxTxHxWx3,
+                          suffix_ids_NxM=None, suffix_mask_NxM=None):
     """log p(next token) [B, V] after each left-padded prompt (NumPy, this
-    process's rows): one forward pass, e.g. for a judge's "A" or "B"."""
+    process's rows): one forward pass, e.g. for a judge's "A" or "B".
+
+    With suffixes (N = B * n left-padded rows), [N, V] after each row's
+    prompt continued by its suffix, the n rows of a prompt sharing its run.
+    """
     self._check_rows(len(ids_BxL))
-    return self._fetch(self._score(self.state, self._put(ids_BxL),
-                                   self._put(mask_BxL),
-                                   self._put(videos_BxTxHxWx3)))
+    return self._fetch(self._score(
+        self.state, self._put(ids_BxL), self._put(mask_BxL),
+        self._put(videos_BxTxHxWx3), self._put(suffix_ids_NxM),
+        self._put(suffix_mask_NxM)))
 
   def __call__(self, ids_BxL, mask_BxL, videos_BxTxHxWx3, uids_B,
                params: SamplingParams, *, num_samples: int = 1,
-               seed: int = 0, first_sample: int = 0) -> Generation:
+               seed: int = 0, first_sample: int = 0, suffix_ids_NxM=None,
+               suffix_mask_NxM=None) -> Generation:
     """Samples `num_samples` continuations of each left-padded prompt.
+
+    With suffixes (N = B * num_samples left-padded rows), sample j of prompt
+    b continues the prompt and then row b * n + j's suffix: n questions that
+    start alike (a judge's two orders) share one run of their start.
 
     Arguments are this process's rows (NumPy). `uids_B` identify the prompts:
     sample j of prompt u draws with key fold_in(fold_in(key(seed), u), j),
@@ -355,7 +407,8 @@ class Sampler:
     self._check_rows(len(ids_BxL))
     logits, carry = self._prefill(
         self.state, self._put(ids_BxL), self._put(mask_BxL),
-        self._put(videos_BxTxHxWx3), num_samples=num_samples,
+        self._put(videos_BxTxHxWx3), self._put(suffix_ids_NxM),
+        self._put(suffix_mask_NxM), num_samples=num_samples,
         max_new_tokens=params.max_new_tokens)
     carry = self._decode(self.state, logits, carry, np.int32(seed),
                          self._put(uids_B), np.int32(first_sample),

@@ -97,7 +97,8 @@ def test_a_batch_mixing_prompts_with_and_without_video_is_refused(
 
 
 def test_next_token_logprobs_match_transformers(hf_model, sampler, prompts):
-  got = generate.next_token_logprobs(sampler, prompts, pad_id=0, batch_size=2)
+  got = generate.next_token_logprobs(sampler, prompts, range(ref.VOCAB), pad_id=0,
+                                    batch_size=2)
   assert got.shape == (len(prompts), ref.VOCAB)
   for prompt, row in zip(prompts, got):
     ids = np.asarray([prompt.token_ids])

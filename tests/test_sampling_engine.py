@@ -169,3 +169,44 @@ def test_sharded_generation_equals_single_device(checkpoint, sampler):
                               num_samples=2, max_new_tokens=8)
   keys = carry.cache.keys[0]
   assert keys.addressable_shards[0].data.shape[0] == keys.shape[0] // 4
+
+
+def _split_prompts(num_video_tokens, seed):
+  """Two prompts with a video, each continued by two suffixes (row b * 2 + j
+  continues prompt b), left-padded; and those four rows written out whole."""
+  ids, mask, videos = _prompts(num_video_tokens, [6, 3], seed=seed)
+  rng = np.random.default_rng(seed)
+  suffixes = [rng.integers(3, 40, n) for n in (4, 7, 1, 5)]
+  width = max(map(len, suffixes)) + 2  # a wider bucket than the longest
+  suffix_ids, suffix_mask = np.zeros((4, width), np.int32), np.zeros((4, width), bool)
+  whole = []
+  for row, suffix in enumerate(suffixes):
+    suffix_ids[row, width - len(suffix):], suffix_mask[row, width - len(suffix):] = suffix, True
+    whole.append(np.concatenate([ids[row // 2][mask[row // 2]], suffix]))
+  length = max(map(len, whole))
+  whole_ids, whole_mask = np.zeros((4, length), np.int32), np.zeros((4, length), bool)
+  for row, w in enumerate(whole):
+    whole_ids[row, length - len(w):], whole_mask[row, length - len(w):] = w, True
+  return (ids, mask, videos, suffix_ids, suffix_mask), (whole_ids, whole_mask,
+                                                        np.repeat(videos, 2, axis=0))
+
+
+def test_suffixes_continue_their_shared_prompt_as_the_whole_prompts_do(sampler):
+  """A judge's two orders share one run of their common start (and one video
+  encoding), and score and generate as the orders written out whole."""
+  (ids, mask, videos, suffix_ids, suffix_mask), whole = _split_prompts(
+      sampler.video.num_tokens, seed=12)
+  tolerance.assert_close(
+      sampler.next_token_logprobs(ids, mask, videos, suffix_ids, suffix_mask),
+      sampler.next_token_logprobs(*whole))
+  greedy = sampling.SamplingParams(temperature=0, max_new_tokens=8)
+  uids = _uids(2)
+  for params in (greedy, SAMPLE):
+    shared = sampler(ids, mask, videos, uids, params, num_samples=2,
+                     suffix_ids_NxM=suffix_ids, suffix_mask_NxM=suffix_mask)
+    for j in range(2):  # row b * 2 + j draws with sample j's key of prompt b
+      alone = sampler(*(x[j::2] for x in whole), uids, params, first_sample=j)
+      for field in ("tokens", "lengths", "stopped"):
+        np.testing.assert_array_equal(getattr(shared, field)[j::2],
+                                      getattr(alone, field))
+      tolerance.assert_close(shared.logprobs[j::2], alone.logprobs)

@@ -41,19 +41,23 @@ class FakePolicy:
       raise video_lib.VideoError(name, "moov atom not found")
     return np.zeros((1, 2, 2, 3), np.float32)
 
-  def sample(self, questions, videos, uids, params, *, num_samples=1, seed=0):
+  def _prompts(self, questions):
+    """Checks each question, or each of a tuple's (a judge's orders)."""
     for question in questions:
-      self.prompt(question)
+      for q in (question,) if isinstance(question, str) else question:
+        self.prompt(q)
+
+  def sample(self, questions, videos, uids, params, *, num_samples=1, seed=0):
+    self._prompts(questions)
     return [[generate.Sample(np.array([1, 2]), f"{k}: {q[:9]}", -1.0, "eos")
              for k in range(num_samples)] for q in questions]
 
   def letter_ids(self, letters):
     return list(range(len(letters)))
 
-  def next_token_logprobs(self, questions, videos, token_ids):
-    for question in questions:
-      self.prompt(question)
-    return np.log(np.tile([0.7, 0.3], (len(questions), 1)))
+  def next_token_logprobs(self, questions, videos, token_ids, *, per_video=1):
+    self._prompts(questions)
+    return np.log(np.tile([0.7, 0.3], (len(questions) * per_video, 1)))
 
 
 def prompt(i: int, question: str = "What moves?", video: str = "v.mp4") -> dict:
@@ -189,7 +193,8 @@ def _judge(smoke, mode: str, path, **overrides):
 def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mode, tmp_path):
   """The records of a fixed seed, as the stage wrote them before judges.py:
   pi_t's letter log-probs or verdicts on both orders of each pair, batch by
-  batch, and the decision on their average."""
+  batch, and the decision on their average; identical pairs, never judged,
+  have no evidence."""
   (tmp_path / "again").mkdir()
   _, summary, contexts = _judge(smoke, mode, tmp_path)
   _judge(smoke, mode, tmp_path / "again")
@@ -200,7 +205,8 @@ def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mo
   cfg = conftest.load_config("smoke")
   evidence = []
   for start in range(0, len(answered), cfg.self_judge.batch_size):  # the stage's batches
-    batch = answered[start:start + cfg.self_judge.batch_size]
+    batch = [x for x in answered[start:start + cfg.self_judge.batch_size]
+             if not judge.identical(*x["responses"])]
     questions = [q for x in batch for q in judge.judge_questions(
         judge.Prompts(), x["question"], *x["responses"], contexts.get(x["video"]))]
     frames = [policy.video(x["video"]) for x in batch for _ in range(2)]
@@ -213,6 +219,11 @@ def test_self_judges_ask_pi_t_the_protocol_s_questions_alike_every_run(smoke, mo
                                        max_new_tokens=cfg.self_judge.max_new_tokens)
       texts = [s[0].text for s in policy.sample(questions, frames, uids, params, seed=7)]
       evidence += [list(t) for t in zip(texts[0::2], texts[1::2])]
+  same = [judge.identical(*x["responses"]) for x in answered]
+  assert [(j["raw"], j["p_y1"], j["reason"]) for j, s in zip(judged, same) if s] == (
+      [(None, 0.5, judge.IDENTICAL)] * sum(same))
+  assert summary.dropped[judge.IDENTICAL] == sum(same)
+  judged, answered = zip(*[(j, x) for j, x, s in zip(judged, answered, same) if not s])
   if mode == "likelihood":
     tolerance.assert_close([j["raw"] for j in judged], evidence)
     p_y1_Nx2 = judge.letter_preferences(np.array([j["raw"] for j in judged]))
