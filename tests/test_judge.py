@@ -149,7 +149,7 @@ def test_an_unknown_mode_is_a_config_error_naming_the_known_ones():
 
 
 def test_the_ground_truth_judge_without_a_world_is_a_config_error():
-  with pytest.raises(settings.ConfigError, match=r"judge.mode='ground_truth'.*"
+  with pytest.raises(settings.ConfigError, match=r"self_judge.mode='ground_truth'.*"
                      r"config.world is None.*likelihood, generative$"):
     judges.make(_config("ground_truth"), LetterPolicy(), 0, ground_truth=None)
 
