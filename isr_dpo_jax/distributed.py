@@ -24,8 +24,8 @@ Files with several processes: every process calls Orbax save and restore with
 the same arguments on the same global arrays; Orbax writes each process's
 shards, lets process 0 write the metadata and commit the step, and
 synchronises the processes itself. Files that are not arrays (the jsonl
-artifacts) are written by `is_main_process()` alone, followed by
-`barrier(name)` before any process reads them.
+artifacts, summaries, the report) are written through `write_on_main`:
+process 0 writes, and every process waits until it has.
 """
 import dataclasses
 import glob
@@ -132,6 +132,16 @@ def is_main_process():
 def barrier(name):
   """Waits until every process reaches the barrier of the same `name`."""
   multihost_utils.sync_global_devices(name)
+
+
+def write_on_main(path, write):
+  """Process 0 calls `write()`, which writes `path`; every process then waits
+  until it has, so that any may read `path` next. Every process must call
+  it, in the same order. Returns what `write` returned on process 0, None
+  on the others."""
+  result = write() if is_main_process() else None
+  barrier(f"write {path}")
+  return result
 
 
 def process_slice(num_items):

@@ -22,7 +22,6 @@ import pathlib
 import sys
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -55,9 +54,8 @@ def run(config: ml_collections.ConfigDict, workdir) -> list[dict]:
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = parallel.make_mesh(dict(config.mesh))
-  if distributed.is_main_process():  # the others then find what it wrote
-    bootstrap.prepare(config, workdir)
-  distributed.barrier("prepare")
+  # Process 0 writes the synthetic world and pi_0, the others then find them.
+  distributed.write_on_main(workdir, lambda: bootstrap.prepare(config, workdir))
   setup = bootstrap.prepare(config, workdir)
   items, skipped = read_prompts(setup.prompts, setup.video_root,
                                 config.data.max_error_rate, workdir)
@@ -93,8 +91,9 @@ def read_prompts(path, video_root, max_error_rate, workdir: pathlib.Path
       report_.skip(path, line, e)
       continue
     report_.keep(record)
-  if jax.process_index() == 0:
-    records.write_errors(workdir / "prompt_errors.jsonl", report_)
+  errors_path = workdir / "prompt_errors.jsonl"
+  distributed.write_on_main(errors_path,
+                            lambda: records.write_errors(errors_path, report_))
   if report_.errors:
     logging.warning("prompts: %s", report_.summary())
   report_.check(max_error_rate)
@@ -203,16 +202,20 @@ def _say(text: str) -> None:
 
 
 def _write_report(workdir: pathlib.Path, summaries: list[dict]) -> None:
-  if distributed.is_main_process():
-    report.write(workdir, summaries)
+  distributed.write_on_main(workdir / "report.md",
+                            lambda: report.write(workdir, summaries))
 
 
 def _write_summary(it_dir: pathlib.Path, summary: dict) -> None:
   """summary.json marks the iteration finished (written last, atomically)."""
-  if distributed.is_main_process():
+  path = it_dir / "summary.json"
+
+  def write():
     tmp = it_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(it_dir / "summary.json")
+    tmp.replace(path)
+
+  distributed.write_on_main(path, write)
 
 
 def carried_contexts(workdir: pathlib.Path, t: int) -> dict[str, str]:

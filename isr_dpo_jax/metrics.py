@@ -14,9 +14,10 @@ import os
 import secrets
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 import tensorboardX
+
+from isr_dpo_jax import distributed
 
 
 class MetricsWriter:
@@ -26,7 +27,7 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool | None = None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.enabled = distributed.is_main_process() if enabled is None else enabled
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)

@@ -27,12 +27,12 @@ from isr_dpo_jax.models import checkpoints
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   logging.getLogger().setLevel(logging.INFO)
-  if distributed.is_main_process():
-    prepared = run(config, pathlib.Path(workdir))
+  prepared = distributed.write_on_main(
+      config.data.video_cache, lambda: run(config, pathlib.Path(workdir)))
+  if prepared is not None:  # on process 0
     print(f"prepared {len(prepared)} videos ({len(prepared.bad)} undecodable) "
           f"in {prepared.data_dir}: runs with --config.data.video_cache="
           f"{prepared.data_dir} read them")
-  distributed.barrier("prepare-videos")
 
 
 def run(config: ml_collections.ConfigDict,

@@ -135,11 +135,11 @@ class _Mirror:
 
 
 def _appender(path, key=operator.itemgetter("id")):
-  """A JsonlAppender on process 0, a _Mirror of its file on the others."""
-  if distributed.is_main_process():
-    out = records.JsonlAppender(path, key)
-  distributed.barrier(f"open {path}")  # process 0 has cut a partial line
-  return out if distributed.is_main_process() else _Mirror(pathlib.Path(path), key)
+  """A JsonlAppender on process 0 (opening it cuts a partial last line), a
+  _Mirror of its file on the others."""
+  appender = distributed.write_on_main(
+      path, lambda: records.JsonlAppender(path, key))
+  return _Mirror(pathlib.Path(path), key) if appender is None else appender
 
 
 class ErrorLog:
@@ -394,7 +394,7 @@ def reference_logps(pairs: list[dict], path, policy: policy_lib.Policy,
   """
   if pairs and all("reference_chosen_logp" in p for p in pairs):
     return pairs
-  _write_for_all(path, pairs)
+  distributed.write_on_main(path, lambda: records.write_jsonl(path, pairs))
   logps = []
   loader = _pair_loader(path, policy, batch_size, shuffle=False, num_epochs=1)
   for batch in loader:
@@ -408,15 +408,8 @@ def reference_logps(pairs: list[dict], path, policy: policy_lib.Policy,
   pairs = [dict(p, reference_chosen_logp=logps[p["id"]][0],
                 reference_rejected_logp=logps[p["id"]][1])
            for p in pairs if p["id"] in logps]
-  _write_for_all(path, pairs)
+  distributed.write_on_main(path, lambda: records.write_jsonl(path, pairs))
   return pairs
-
-
-def _write_for_all(path, pairs: list[dict]) -> None:
-  """Process 0 writes the jsonl that every process then reads."""
-  if distributed.is_main_process():
-    records.write_jsonl(path, pairs)
-  distributed.barrier(f"write {path}")
 
 
 def dpo(pairs: list[dict], path, policy: policy_lib.Policy, trainer: train.Trainer,

@@ -52,6 +52,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from isr_dpo_jax import checkpoint
+from isr_dpo_jax import distributed
 from isr_dpo_jax import dpo
 from isr_dpo_jax import lora as lora_lib
 from isr_dpo_jax import metrics as metrics_lib
@@ -475,7 +476,7 @@ def fit(update: Callable[[TrainState, Any], tuple[TrainState, dict]],
   start = int(state.step)
   pending = None
   with tqdm.tqdm(total=num_steps, initial=start, desc=desc,
-                 disable=jax.process_index() != 0) as bar:
+                 disable=not distributed.is_main_process()) as bar:
     clock = time.perf_counter()
     for step in range(start + 1, num_steps + 1):
       state, step_metrics = update(state, next(batches))

@@ -212,10 +212,9 @@ def _worker(expected_source, shared_dir):
   np.testing.assert_allclose(psum_1x3, x_8x3.sum(0, keepdims=True))
 
   written = Path(shared_dir) / "written_by_main"
-  if distributed.is_main_process():
-    written.write_text(str(index))
-  distributed.barrier("written_by_main")
-  assert written.read_text() == "0"
+  result = distributed.write_on_main(written, lambda: written.write_text(str(index)))
+  assert result == (1 if index == 0 else None)  # process 0 wrote 1 character
+  assert written.read_text() == "0"  # every process sees it once past the call
 
 
 if __name__ == "__main__":
