@@ -18,6 +18,7 @@ import ml_collections
 from isr_dpo_jax import judge
 from isr_dpo_jax import models
 from isr_dpo_jax import settings
+from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import vocab
@@ -48,8 +49,7 @@ def world_text(paths: dict[str, pathlib.Path], prompts: judge.Prompts) -> list[s
             prompts.judge_context, "USER: ASSISTANT: A B"]
   for name, path in paths.items():
     if name.endswith("_sft") or name.endswith("_qa"):
-      for line in path.read_text().splitlines():
-        record = json.loads(line)
+      for record in records.load_jsonl(path):
         lines += [turn["value"] for turn in record["conversations"]]
         lines += [record.get("caption", "")]
   return lines

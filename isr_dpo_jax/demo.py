@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
       timings[phase] = time.perf_counter() - clock
       timings_path.write_text(json.dumps(timings, indent=1))
   answers = {r["id"]: records.conversation_turns(r["conversations"])[0][1]
-             for r in map(json.loads, world.prompts.open())}
+             for r in records.load_jsonl(world.prompts)}
   summary = summarize(workdir, config.iterations, answers, timings)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
   write_report(workdir, summary)
@@ -119,7 +119,7 @@ def _record(clip: dict, question: str, answer: str, index: int) -> dict:
 
 
 def _training_clips(ground_truth: pathlib.Path, limit: int | None = None) -> list[dict]:
-  clips = [c for c in map(json.loads, ground_truth.open()) if c["split"] == "train"]
+  clips = [c for c in records.load_jsonl(ground_truth) if c["split"] == "train"]
   return clips[:limit]
 
 
@@ -241,11 +241,11 @@ def _scores(eval_rows: list[dict]) -> dict:
 
 def _judging(it_dir: pathlib.Path, answers: dict[str, str]) -> dict:
   """Sampled answers' accuracy and the judge's agreement with the ground truth."""
-  responses = {r["id"]: r for r in map(json.loads, (it_dir / "responses.jsonl").open())}
+  responses = {r["id"]: r for r in records.load_jsonl(it_dir / "responses.jsonl")}
   correct = {i: [synthetic.answer_is_correct(y, answers[i]) for y in r["responses"]]
              for i, r in responses.items()}
   decided = [correct[j["id"]][j["winner"]]
-             for j in map(json.loads, (it_dir / "judgments.jsonl").open())
+             for j in records.load_jsonl(it_dir / "judgments.jsonl")
              if j["winner"] is not None and len(set(correct[j["id"]])) == 2]
   return dict(response_accuracy=float(np.mean([c for cs in correct.values() for c in cs])),
               judge_agreement=float(np.mean(decided)) if decided else None,
@@ -256,7 +256,7 @@ def _stage_seconds(arm_dir: pathlib.Path, summary: dict) -> dict:
   """Seconds of the sampling and judging stages and of the DPO steps."""
   seconds = {s["stage"]: s["seconds"] for s in summary["stages"]}
   metrics = arm_dir / f"iter_{summary['iteration']}" / "train" / "metrics.jsonl"
-  rows = metrics_lib.read_jsonl(metrics) if metrics.exists() else []
+  rows = metrics_lib.read_metrics(metrics) if metrics.exists() else []
   seconds["dpo"] = sum(r["tokens"] / r["tokens_per_second"] for r in rows)
   return seconds
 

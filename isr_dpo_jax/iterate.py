@@ -224,5 +224,5 @@ def carried_contexts(workdir: pathlib.Path, t: int) -> dict[str, str]:
   for s in range(t):
     path = workdir / f"iter_{s}" / "contexts.jsonl"
     if path.exists():
-      contexts |= {r["video"]: r["context"] for r in map(json.loads, path.open())}
+      contexts |= {r["video"]: r["context"] for r in records.load_jsonl(path)}
   return contexts

@@ -160,8 +160,7 @@ NO_GROUND_TRUTH = "no_ground_truth"  # a question the world does not ask
 def world_answers(ground_truth: pathlib.Path) -> dict[tuple[str, str], str]:
   """{(video, question): canonical answer} of a synthetic world's ground truth."""
   return {(clip["video"], qa["question"]): qa["answer"]
-          for clip in (records.parse_line(line)
-                       for _, line in records.iter_lines(ground_truth))
+          for clip in records.load_jsonl(ground_truth)
           for qa in clip["qa"]}
 
 

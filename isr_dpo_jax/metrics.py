@@ -18,6 +18,7 @@ import numpy as np
 import tensorboardX
 
 from isr_dpo_jax import distributed
+from isr_dpo_jax.data import records
 
 
 class MetricsWriter:
@@ -33,7 +34,7 @@ class MetricsWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     _drop_partial_last_line(self.path)
-    self._written = ({row["step"] for row in read_jsonl(self.path)}
+    self._written = ({row["step"] for row in read_metrics(self.path)}
                      if os.path.exists(self.path) else set())
     self._jsonl = open(self.path, "a", encoding="utf-8")
     # Event files are named by the second they were opened in: without a
@@ -74,16 +75,15 @@ def _drop_partial_last_line(path: str) -> None:
       f.truncate(data.rfind(b"\n") + 1)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_metrics(path: str | os.PathLike) -> list[dict]:
   """Reads a metrics file back, one row per step in step order.
 
   A partial last line (killed run) is ignored. Files that older versions
   wrote may repeat steps redone after a resume; the latest row wins.
   """
   by_step = {}
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.endswith("\n"):
-        row = json.loads(line)
-        by_step[row["step"]] = row
+  for _, line in records.iter_lines(path):
+    if line.endswith(b"\n"):
+      row = records.parse_line(line)
+      by_step[row["step"]] = row
   return [by_step[s] for s in sorted(by_step)]

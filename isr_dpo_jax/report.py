@@ -6,7 +6,6 @@ confidence, lengths of chosen vs rejected responses, DPO rewards/margins and
 accuracies, and evaluation accuracy when available.
 """
 import collections
-import json
 import pathlib
 
 import matplotlib
@@ -17,7 +16,9 @@ from matplotlib import pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
+from isr_dpo_jax import metrics as metrics_lib  # noqa: E402
 from isr_dpo_jax import stages  # noqa: E402
+from isr_dpo_jax.data import records  # noqa: E402
 
 TRAIN_KEYS = ("loss", "rewards/margins", "rewards/accuracies", "grad_norm")
 
@@ -26,8 +27,7 @@ def train_summary(metrics_path: pathlib.Path) -> dict:
   """Mean of each key over the last quarter of the DPO steps (at least one)."""
   if not metrics_path.exists():
     return {}
-  by_step = {r["step"]: r for r in map(json.loads, metrics_path.open())}
-  rows = [by_step[s] for s in sorted(by_step)]
+  rows = metrics_lib.read_metrics(metrics_path)
   if not rows:
     return {}
   tail = rows[-max(1, len(rows) // 4):]
@@ -54,7 +54,7 @@ def scalars(summary: dict) -> dict[str, float]:
 
 def _pairs(workdir: pathlib.Path, t: int) -> list[dict]:
   path = workdir / f"iter_{t}" / "pairs.jsonl"
-  return [json.loads(line) for line in path.open()] if path.exists() else []
+  return records.load_jsonl(path) if path.exists() else []
 
 
 def _accuracy(rows: list[dict] | None) -> float | None:

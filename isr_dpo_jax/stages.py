@@ -116,8 +116,7 @@ class _Mirror:
 
   def __init__(self, path, key):
     self.key = key
-    self.records = ([records.parse_line(line) for _, line in records.iter_lines(path)]
-                    if path.exists() else [])
+    self.records = records.load_jsonl(path) if path.exists() else []
     self.done = {key(r) for r in self.records}
 
   def append(self, record):

@@ -96,6 +96,19 @@ def test_report_is_reusable_by_later_stages(tmp_path):
                               "detail": "no A or B"}
 
 
+@pytest.mark.filterwarnings("error::ResourceWarning")
+def test_load_jsonl_reads_back_what_was_written_and_closes_the_file(tmp_path):
+  path = tmp_path / "pairs.jsonl"
+  records.write_jsonl(path, [DPO, QA])
+  assert records.load_jsonl(path) == [DPO, QA]
+
+
+def test_load_jsonl_names_the_line_that_is_not_json(tmp_path):
+  path = write_lines(tmp_path / "a.jsonl", [QA, b"", b"{cut"])
+  with pytest.raises(records.BadRecord, match=r"a\.jsonl:3: "):
+    records.load_jsonl(path)
+
+
 def test_write_jsonl_is_atomic(tmp_path):
   path = tmp_path / "out" / "pairs.jsonl"
   records.write_jsonl(path, [DPO, QA])

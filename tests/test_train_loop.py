@@ -94,7 +94,7 @@ def test_dpo_learns_a_preference_rule(setup, tmp_path):
   with metrics.MetricsWriter(tmp_path, enabled=True) as writer:
     state = train.fit(_update(trainer), trainer.init_state(model),
                       ListIterator(setup["items"]), num_steps=30, writer=writer)
-  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  rows = metrics.read_metrics(tmp_path / "metrics.jsonl")
   assert [r["step"] for r in rows] == list(range(1, 31))
   assert rows[0]["rewards/accuracies"] < 0.9  # policy == reference at first
   assert min(r["rewards/accuracies"] for r in rows[-5:]) > 0.9

@@ -31,7 +31,7 @@ def test_writes_jsonl_and_tensorboard(tmp_path):
   with metrics.MetricsWriter(tmp_path, enabled=True) as writer:
     writer.write(1, {"loss": jnp.float32(0.5), "rewards/accuracies": 1.0})
     writer.write(2, {"loss": 0.25, "rewards/accuracies": 0.5})
-  rows = metrics.read_jsonl(tmp_path / "metrics.jsonl")
+  rows = metrics.read_metrics(tmp_path / "metrics.jsonl")
   assert rows == [{"step": 1, "loss": 0.5, "rewards/accuracies": 1.0},
                   {"step": 2, "loss": 0.25, "rewards/accuracies": 0.5}]
   scalars = _read_tb_scalars(tmp_path)

@@ -17,6 +17,9 @@ TooManyBadRecords exception. Later stages (tokenisation, generation,
 judging) raise BadRecord for their own bad inputs and count them in a
 ReadReport the same way.
 
+Reading back. `load_jsonl` reads a jsonl file that the program wrote itself
+(the run's artifacts): every line's value, no validation.
+
 Writing. `write_jsonl` replaces a file atomically (temporary file, fsync,
 rename). `JsonlAppender` is for stages that write as they go: it flushes each
 record as one line, and on reopening after a crash (kill -9) it drops a
@@ -222,6 +225,22 @@ def read_jsonl(
   logging.info("%s: %s", path, report.summary())
   report.check(max_error_rate)
   return report
+
+
+def load_jsonl(path: str | os.PathLike) -> list[Any]:
+  """The values of a jsonl file's non-blank lines, in order: for the files
+  the program wrote (user files go through `read_jsonl`, which validates).
+
+  Raises:
+    BadRecord: a line that is not JSON, naming `path:line`.
+  """
+  values = []
+  for number, line in iter_lines(path):
+    try:
+      values.append(parse_line(line))
+    except BadRecord as e:
+      raise BadRecord(e.reason, f"{path}:{number}: {e.detail}") from None
+  return values
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping]) -> None:
