@@ -118,6 +118,13 @@ def _prompt_item(record: dict, path, line: int, line_of_id: dict[str, int]) -> d
               file=str(path), line=line)
 
 
+def iteration_seed(seed: int, t: int) -> int:
+  """The seed of iteration t's sampling, judging and training in a run of
+  `seed`: one per (seed, t) for t < 1000, so that no two iterations, of this
+  run or another, draw the same keys; a resumed iteration draws its own again."""
+  return seed * 1000 + t
+
+
 def select(items: list[dict], config, t: int) -> list[dict]:
   """This iteration's prompts: a fixed subset, or a fresh one per iteration."""
   n = config.data.prompts_per_iteration or len(items)
@@ -143,7 +150,7 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
     return json.loads(summary_path.read_text())
   _say(header)
   it_dir.mkdir(parents=True, exist_ok=True)
-  seed = config.seed * 1000 + t
+  seed = iteration_seed(config.seed, t)
   policy = load_policy(config, workdir, mesh, setup, t)
   summary = dict(iteration=t, prompts_skipped=prompts_skipped)
   if config.eval.enabled:

@@ -155,6 +155,11 @@ def test_killed_run_resumes_to_the_same_pairs_and_parameters(smoke_run, tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_iteration_seeds_never_collide():
+  seeds = {iterate.iteration_seed(seed, t) for seed in range(3) for t in range(1000)}
+  assert len(seeds) == 3 * 1000
+
+
 def test_a_moved_workdir_finds_its_world(tmp_path):
   world = smoke_config().world
   written = bootstrap.write_world(world, tmp_path / "run" / "world")
