@@ -1,10 +1,10 @@
 """One device mesh with axes ('data', 'fsdp', 'tensor') and the logical-axis rules.
 
 Model parameters name their axes logically (see models/layers.py); the rules
-below map those names onto mesh axes. Parameters are created or loaded straight
-into their shardings: never one full host copy of the model.
+below map those names onto mesh axes. Parameters are loaded straight into their
+shardings (models.load_pretrained): never one full host copy of the model.
 """
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import math
 
 import flax.core.spmd
@@ -54,12 +54,3 @@ def state_shardings(state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):
   with flax.core.spmd.logical_axis_rules(rules):
     return nnx.get_named_sharding(state, mesh)
 
-
-def create_sharded(make_model: Callable[[], nnx.Module], mesh: jax.sharding.Mesh,
-                   rules=LOGICAL_RULES) -> nnx.Module:
-  """Builds `make_model()` with every parameter born on its shard (jit out_shardings)."""
-  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
-  shardings = state_shardings(abstract_state, mesh, rules)
-
-  init = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)
-  return nnx.merge(graphdef, init())

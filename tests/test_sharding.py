@@ -62,12 +62,3 @@ def test_sharded_forward_equals_unsharded(checkpoint, mesh):
   expected = model(jnp.asarray(ids), videos=jnp.asarray(frames), attention_mask=jnp.asarray(mask))
   assert got.sharding.mesh == mesh
   tolerance.assert_close(got, expected)
-
-
-def test_create_sharded_matches_plain_creation(mesh):
-  cfg = models.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=1,
-                           num_heads=2, num_kv_heads=2)
-  make = lambda: models.Llama(cfg, rngs=nnx.Rngs(0))
-  sharded = parallel.create_sharded(make, mesh)
-  assert sharded.layers[0].mlp.gate_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
-  tolerance.assert_trees_close(nnx.state(sharded), nnx.state(make()))

@@ -68,10 +68,18 @@ class ListIterator:
     self.index = state["index"]
 
 
+def _sharded(make_model, mesh):
+  """`make_model()` with every parameter created on its shard."""
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+  shardings = parallel.state_shardings(abstract, mesh)
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(make_model()),
+                                     out_shardings=shardings)())
+
+
 @pytest.fixture(scope="module")
 def setup():
   mesh = parallel.make_mesh({"fsdp": -1})
-  model = parallel.create_sharded(
+  model = _sharded(
       lambda: models.VideoLlava(MODEL_CONFIG, rngs=nnx.Rngs(0)), mesh)
   trainer = train.Trainer(model, CONFIG, mesh, total_steps=30)
   batch, frames = _rule_pairs(4 * BATCH, seed=0)
@@ -159,7 +167,7 @@ def test_restore_onto_another_mesh_shape(setup, tmp_path):
     ckpt.save(1, state, {"index": 1}, force=True)
     ckpt.wait()
   mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  other_model = parallel.create_sharded(
+  other_model = _sharded(
       lambda: models.VideoLlava(MODEL_CONFIG, rngs=nnx.Rngs(1)), mesh)
   other = train.Trainer(other_model, dataclasses.replace(CONFIG), mesh,
                         total_steps=30)
@@ -179,7 +187,7 @@ def test_bfloat16_compute_keeps_float32_master_weights(setup):
   mesh = trainer.mesh
   make = lambda: models.VideoLlava(MODEL_CONFIG, rngs=nnx.Rngs(0),
                                    dtype=jnp.bfloat16, param_dtype=jnp.float32)
-  model = parallel.create_sharded(make, mesh)
+  model = _sharded(make, mesh)
   bf16_trainer = train.Trainer(model, CONFIG, mesh, total_steps=30)
   state, metrics = bf16_trainer.dpo_update(bf16_trainer.init_state(model),
                                            *items[0])
