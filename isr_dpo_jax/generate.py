@@ -33,8 +33,9 @@ class Prompt:
 
   With suffixes (text tokens, no video placeholder), the prompt is n
   questions that start alike, e.g. a judge's two orders: token_ids is their
-  common start, run once, and sample j continues it with suffixes[j]
-  (num_samples = n).
+  common start (the video placeholders in it), run once, and sample j
+  continues it with suffixes[j] (num_samples = n). A batch may run fewer of
+  token_ids once, the rest in front of each suffix, to fit a smaller bucket.
   """
   token_ids: Sequence[int]
   video: np.ndarray | None = None  # float32 [T, H, W, 3], CLIP-normalised
@@ -117,19 +118,40 @@ class _Batch:
   suffixes: tuple  # ids and mask [batch_size * n, M], or (None, None)
 
 
-def _suffix_rows(batch: Sequence[Prompt], batch_size: int, num_samples: int,
-                 longest: int, pad_id: int, buckets: Sequence[int]) -> tuple:
-  """The prompts' suffixes, ids and mask left-padded to a bucket: row
-  b * n + j is suffixes[j] of prompt b; (None, None) when there are none."""
-  if not longest:
-    return None, None
-  if any(len(p.suffixes) != num_samples for p in batch):
-    raise ValueError(f"prompts with suffixes need one per sample: "
-                     f"{num_samples} each")
-  return batching.pad(
-      [np.asarray(s, np.int32) for p in batch for s in p.suffixes],
-      batching.bucket_length(longest, buckets), pad_id, left=True,
-      batch_size=batch_size * num_samples)
+def _shared_width(batch: Sequence[Prompt], num_samples: int, widths: Sequence[int], buckets: Sequence[int],
+                  video_id: int) -> tuple[int, int]:
+  """How many tokens of its prompts a batch with suffixes runs once, and
+  the suffixes' width: the widths (buckets) that pad the batch to the fewest
+  tokens in all, a prompt's tokens past the first joining each of its
+  suffixes. The prompts' part keeps the video placeholders; every process
+  agrees on both widths.
+  """
+  def video_end(ids):
+    hits = np.flatnonzero(np.asarray(ids) == video_id)
+    return int(hits[-1]) + 1 if hits.size else 0
+
+  need = [max((len(s) + max(0, len(p.token_ids) - w)
+               for p in batch for s in p.suffixes), default=1) for w in widths]
+  end, *need = _agreed(np.array(
+      [max((video_end(p.token_ids) for p in batch), default=0), *need]))
+  splits = [(w, batching.bucket_length(n, buckets))
+            for w, n in zip(widths, need) if w >= end and n <= max(buckets)]
+  if not splits:
+    raise ValueError(f"suffixes exceed the largest bucket {max(buckets)}")
+  return min(splits, key=lambda split: split[0] + num_samples * split[1])
+
+
+def _rows(batch: Sequence[Prompt], batch_size: int, num_samples: int,
+          width: int, suffix_width: int, pad_id: int) -> tuple:
+  """The prompts cut at width, left-padded [batch_size, width], and their
+  suffixes [batch_size * n, suffix_width], each after what the cut left."""
+  prompts = batching.pad([np.asarray(p.token_ids[:width], np.int32) for p in batch],
+                         width, pad_id, left=True, batch_size=batch_size)
+  suffixes = batching.pad(
+      [np.concatenate([p.token_ids[width:], s]).astype(np.int32)
+       for p in batch for s in p.suffixes],
+      suffix_width, pad_id, left=True, batch_size=batch_size * num_samples)
+  return batching.PromptBatch(*prompts), suffixes
 
 
 def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
@@ -140,25 +162,34 @@ def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
   while True:
     batch = list(itertools.islice(stream, batch_size))
     longest = max((len(p.token_ids) for p in batch), default=1)
-    longest_suffix = max((len(s) for p in batch for s in p.suffixes), default=0)
+    any_suffix = any(p.suffixes for p in batch)
     any_video = any(p.video is not None for p in batch)
-    real_anywhere, longest, longest_suffix, any_video = _agreed(
-        np.array([len(batch), longest, longest_suffix, any_video]))
+    real_anywhere, longest, any_suffix, any_video = _agreed(
+        np.array([len(batch), longest, any_suffix, any_video]))
     if not real_anywhere:
       return
     videos = (_videos(batch, batch_size, position, sampler.video.frames_shape)
               if any_video else None)
     offset = sampler.video.num_tokens if any_video else 0
-    ids, mask = batching.pad(
-        [np.asarray(p.token_ids, np.int32) for p in batch],
-        batching.bucket_length(longest, buckets, offset), pad_id, left=True,
-        batch_size=batch_size)
+    if any_suffix:
+      if any(len(p.suffixes) != num_samples for p in batch):
+        raise ValueError("prompts with suffixes need one per sample: "
+                         f"{num_samples} each")
+      widths = [offset + b for b in sorted(buckets)]
+      widths = [w for w in widths if w < longest] + [w for w in widths if w >= longest][:1]
+      rows, suffixes = _rows(batch, batch_size, num_samples, *_shared_width(
+          batch, num_samples, widths, buckets,
+          sampler.video.token_id), pad_id)
+    else:
+      rows = batching.PromptBatch(*batching.pad(
+          [np.asarray(p.token_ids, np.int32) for p in batch],
+          batching.bucket_length(longest, buckets, offset), pad_id,
+          left=True, batch_size=batch_size))
+      suffixes = None, None
     uids = np.zeros(batch_size, np.int32)
     uids[:len(batch)] = [prompt_uid(p, position + i)
                          for i, p in enumerate(batch)]
-    yield _Batch(position, len(batch), batching.PromptBatch(ids, mask), videos,
-                 uids, _suffix_rows(batch, batch_size, num_samples,
-                                    longest_suffix, pad_id, buckets))
+    yield _Batch(position, len(batch), rows, videos, uids, suffixes)
     position += len(batch)
 
 

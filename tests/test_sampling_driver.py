@@ -105,3 +105,31 @@ def test_next_token_logprobs_match_transformers(hf_model, sampler, prompts):
     logits = ref.logits(hf_model, ids, np.ones_like(ids), prompt.video[None])
     want = torch.log_softmax(torch.from_numpy(logits[0, -1]).double(), -1)
     np.testing.assert_allclose(row, want.numpy(), atol=1e-4)
+
+
+def test_prompts_with_suffixes_generate_and_score_as_the_whole_questions(
+    sampler, tokenizer, prompts):
+  """A judge's orders as one prompt with two suffixes: the same greedy
+  samples and next-token log-probs as each order written out whole, also
+  where a batch runs part of the shared prompt in the suffixes to fit a
+  smaller bucket (buckets 8 and 16: 5 of the 21 shared text tokens move)."""
+  rng = np.random.default_rng(1)
+  shared = [generate.Prompt(list(p.token_ids) + rng.integers(4, 90, 20 - n).tolist(),
+                            p.video, uid=100 + i,
+                            suffixes=(rng.integers(4, 90, 3).tolist(),
+                                      rng.integers(4, 90, 5).tolist()))
+            for i, (p, n) in enumerate(zip(prompts, (3, 11, 6, 9, 4)))]
+  whole = [generate.Prompt(list(p.token_ids) + s, p.video)
+           for p in shared for s in p.suffixes]
+  greedy = sampling.SamplingParams(temperature=0, max_new_tokens=6)
+  run = lambda ps, n, buckets: [s.token_ids for r in generate.generate(
+      sampler, ps, greedy, tokenizer=tokenizer, batch_size=2, num_samples=n,
+      buckets=buckets, progress=False) for s in r]
+  score = lambda ps, n, buckets: generate.next_token_logprobs(
+      sampler, ps, range(ref.VOCAB), pad_id=0, batch_size=2, num_suffixes=n,
+      buckets=buckets)
+  want_tokens, want_logprobs = run(whole, 1, (64,)), score(whole, 1, (64,))
+  for buckets in ((8, 16), (64,)):
+    for got, want in zip(run(shared, 2, buckets), want_tokens, strict=True):
+      np.testing.assert_array_equal(got, want)
+    tolerance.assert_close(score(shared, 2, buckets), want_logprobs)
