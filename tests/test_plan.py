@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import pytest
 
 import conftest
+from isr_dpo_jax import cli
 from isr_dpo_jax import plan
 from isr_dpo_jax import settings
 from isr_dpo_jax import train
@@ -96,7 +97,7 @@ def test_dpo_update_row_is_xla_analysis_of_the_trainers_step(tiny_plan):
   assert arguments == pytest.approx(got.arguments / plan.GiB, rel=5e-3)
   assert temporaries == pytest.approx(got.temporaries / plan.GiB, rel=5e-3)
   assert peak == pytest.approx(got.peak / plan.GiB, rel=5e-3)
-  assert hbm == pytest.approx(16e9 / plan.GiB, rel=5e-3)
+  assert hbm == pytest.approx(plan.CHIPS["v5e"].hbm_bytes / plan.GiB, rel=5e-3)
   assert float(cells[7]) == pytest.approx(got.flops / 1e12, rel=5e-3)
   assert float(cells[8]) == pytest.approx(got.bytes_accessed / 1e9, rel=5e-3)
   chip = plan.CHIPS["v5e"]
@@ -179,3 +180,27 @@ def test_a_max_length_without_room_for_a_prompt_is_one_line():
 def test_on_local_cpu_devices_there_is_no_chip_to_size_against():
   where = plan.target(None)
   assert len(where.devices) == 8 and where.chip is None
+
+
+def _cli(argv, capsys) -> tuple[int | None, str, str]:
+  with pytest.raises(SystemExit) as exit_:
+    cli.main(["isr-dpo", "plan", f"--config={conftest.CONFIGS / 'smoke.py'}",
+              *argv])
+  out = capsys.readouterr()
+  return exit_.value.code, out.out, out.err
+
+
+def test_the_command_names_an_unknown_topology_in_one_line(capsys):
+  code, _, err = _cli(["--topology=v9:2x2"], capsys)
+  assert code == 2 and err.count("\n") == 1
+  assert err.startswith("isr-dpo plan: error: unknown topology 'v9:2x2'")
+
+
+@needs_libtpu
+def test_the_command_prints_the_table(tiny_plan, monkeypatch, capsys):
+  monkeypatch.setattr(plan, "cache_dir", lambda: tiny_plan[3])  # compiled once
+  code, out, _ = _cli([f"--config.data.max_length={136 + 64 + 8}",
+                       f"--topology={TOPOLOGY}"], capsys)
+  assert code in (None, 0)
+  assert [_table_row(out, name)[0] for name in PROGRAMS] == PROGRAMS
+  assert "One ISR-DPO iteration of 16 prompts" in out
