@@ -65,10 +65,11 @@ def test_a_loop_on_videos_prepared_for_another_model_stops_at_once(
     cli.main(["isr-dpo", "iterate", f"--config={SMOKE}",
               f"--workdir={tmp_path / 'other'}", "--config.world.size=40",
               f"--config.data.video_cache={frames}"])
-  err = capsys.readouterr().err
-  assert exit_.value.code == 2 and err.count("\n") == 1, err
-  assert err == (f"isr-dpo iterate: error: {frames}: videos prepared as 8 "
-                 "frames of 32x32, but the model reads 8 frames of 40x40; "
-                 "prepare them for this model into another folder (isr-dpo "
-                 "prepare-videos)\n")
+  *progress, error = capsys.readouterr().err.splitlines()
+  assert exit_.value.code == 2
+  assert all(line.startswith("iteration 1/2: ") for line in progress), progress
+  assert error == (f"isr-dpo iterate: error: {frames}: videos prepared as 8 "
+                   "frames of 32x32, but the model reads 8 frames of 40x40; "
+                   "prepare them for this model into another folder (isr-dpo "
+                   "prepare-videos)")
   assert not (tmp_path / "other" / "iter_0" / "responses.jsonl").exists()
