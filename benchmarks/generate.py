@@ -19,7 +19,13 @@ side's utilisation divides them by its time and by its own float32 (or
   python benchmarks/generate.py --samples-per-prompt 2           # 8 prompts x 2
   python benchmarks/generate.py --device cuda --dtype bfloat16   # GPU
 
-The last line printed is speedup_vs_hf_generate=<hf seconds / our seconds>.
+The roofline is measured in the same run: the prefill's FLOPs at XLA's
+matmul rate, plus the bytes decoding must read (weights and output head each
+step, a prompt's keys once for its samples, each row's own keys) at the
+bandwidth of a 512 MiB read; roofline_fraction=<roofline s / our s> (hf
+generate's beside it) says how close each side comes to what the machine
+allows. The last line printed is speedup_vs_hf_generate=<hf seconds / our
+seconds>.
 Measured (best of 5 interleaved runs) on a 2-core Xeon VM while another job
 kept one core busy (load average ~4; matmul 190-240 GFLOP/s against ~360
 idle), so the CPU rows are slower than on an idle machine, and under that
@@ -89,28 +95,51 @@ def inputs(batch: int, prompt_len: int, cfg: models.VideoLlavaConfig, seed=0):
   return ids, np.ones_like(ids, bool), videos
 
 
-def model_flops(cfg: models.VideoLlavaConfig, prompts, samples, prompt_len,
-                new_tokens):
-  """Matmul FLOPs one generate call needs (2 per multiply-add): each prompt is
-  read once, with the output head at its last position (the first new token),
-  then each sample feeds its first new_tokens - 1 tokens back, one by one."""
-  t, v = cfg.text, cfg.vision
+def _layer_params(t) -> int:
+  """Matmul weights of one decoder layer."""
   d, hd = t.hidden_size, t.resolved_head_dim
-  layer = 2 * d * (t.num_heads + 2 * t.num_kv_heads) * hd + 2 * t.num_heads * hd * d
-  layer += 3 * 2 * d * t.intermediate_size
-  head = 2 * d * t.vocab_size
-  attn = lambda q, k, width: 2 * 2 * q * k * width  # scores and values
-  width = t.num_heads * hd
-  prefill = t.num_layers * (prompt_len * layer + attn(prompt_len, prompt_len / 2, width))
-  decode = sum(t.num_layers * (layer + attn(1, prompt_len + 1 + i, width)) + head
-               for i in range(new_tokens - 1))
+  return (d * (t.num_heads + 2 * t.num_kv_heads) * hd + t.num_heads * hd * d
+          + 3 * d * t.intermediate_size)
+
+
+def prefill_flops(cfg: models.VideoLlavaConfig, prompts, prompt_len) -> float:
+  """Matmul FLOPs (2 per multiply-add) of reading the prompts once: the tower
+  up to the selected layer, the projector, causal attention as half of a
+  square, and the output head at each prompt's last position."""
+  t, v = cfg.text, cfg.vision
+  d, width = t.hidden_size, t.num_heads * t.resolved_head_dim
+  attn = lambda q, k, w: 2 * 2 * q * k * w  # scores and values
+  prefill = t.num_layers * (prompt_len * 2 * _layer_params(t)
+                            + attn(prompt_len, prompt_len / 2, width))
   tokens = cfg.tokens_per_frame
   tower = v.num_frames * cfg.num_tower_layers * (
       tokens * (8 * v.hidden_size ** 2 + 4 * v.hidden_size * v.intermediate_size)
       + attn(tokens, tokens, v.hidden_size))
   tower += v.num_frames * v.num_patches * 2 * 3 * v.patch_size ** 2 * v.hidden_size
   projector = cfg.num_video_tokens * 2 * (v.hidden_size * d + d * d)
-  return prompts * (tower + projector + prefill + head + samples * decode)
+  return prompts * (tower + projector + prefill + 2 * d * t.vocab_size)
+
+
+def decode_flops(cfg: models.VideoLlavaConfig, rows, prompt_len, new_tokens) -> float:
+  """Matmul FLOPs of feeding each row's first new_tokens - 1 tokens back."""
+  t = cfg.text
+  width = t.num_heads * t.resolved_head_dim
+  return rows * sum(
+      t.num_layers * (2 * _layer_params(t) + 2 * 2 * (prompt_len + 1 + i) * width)
+      + 2 * t.hidden_size * t.vocab_size for i in range(new_tokens - 1))
+
+
+def decode_bytes(cfg: models.VideoLlavaConfig, prompts, samples, prompt_len,
+                 new_tokens, itemsize) -> float:
+  """Bytes the decode steps must read: each step the layers' weights and the
+  output head once, each prompt's keys and values once for its samples, and
+  each row's own keys and values so far."""
+  t = cfg.text
+  weights = t.num_layers * _layer_params(t) + t.hidden_size * t.vocab_size
+  kv_per_token = t.num_layers * 2 * t.num_kv_heads * t.resolved_head_dim
+  return itemsize * sum(
+      weights + kv_per_token * (prompts * prompt_len + prompts * samples * (i + 1))
+      for i in range(new_tokens - 1))
 
 
 def best_times(fns, repeats: int) -> list[float]:
@@ -139,6 +168,15 @@ def matmul_rate(framework: str, device: str, dtype: str, n=2048, repeats=5) -> f
     sync()
     seconds, = best_times([lambda: (a @ a, sync())], repeats)
   return 2 * n ** 3 / seconds
+
+
+def memory_bandwidth(dtype: str, mib=512, repeats=5) -> float:
+  """Bytes/s XLA reads a `mib` MiB array at (a sum over it)."""
+  a = jnp.ones((mib * 2 ** 20 // jnp.dtype(dtype).itemsize,), dtype)
+  f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  f(a).block_until_ready()
+  seconds, = best_times([lambda: f(a).block_until_ready()], repeats)
+  return a.nbytes / seconds
 
 
 def main():
@@ -199,16 +237,27 @@ def main():
   theirs()
   our_s, hf_s = best_times([ours, theirs], args.repeats)
 
-  flops = model_flops(cfg, prompts, n, args.prompt_len, args.new_tokens)
+  prefill = prefill_flops(cfg, prompts, args.prompt_len)
+  flops = prefill + decode_flops(cfg, args.batch, args.prompt_len, args.new_tokens)
   xla_rate = matmul_rate("xla", args.device, args.dtype)
   torch_rate = matmul_rate("torch", args.device, args.dtype)
+  bandwidth = memory_bandwidth(args.dtype)
+  read = decode_bytes(cfg, prompts, n, args.prompt_len, args.new_tokens,
+                      jnp.dtype(args.dtype).itemsize)
+  roofline_s = prefill / xla_rate + read / bandwidth
   tokens = args.batch * args.new_tokens
   print(f"model FLOPs per call: {flops / 1e9:.1f} GFLOP; matmul {args.dtype} "
         f"2048^3: XLA {xla_rate / 1e9:.0f} GFLOP/s, torch {torch_rate / 1e9:.0f} GFLOP/s")
+  print(f"roofline: prefill {prefill / 1e9:.1f} GFLOP at the XLA matmul rate "
+        f"{prefill / xla_rate:.3f} s + decode {read / 1e9:.2f} GB at "
+        f"{bandwidth / 1e9:.1f} GB/s (a 512 MiB read) {read / bandwidth:.3f} s "
+        f"= {roofline_s:.3f} s")
   for name, seconds, rate in (("isr_dpo_jax", our_s, xla_rate),
                               ("hf generate", hf_s, torch_rate)):
     print(f"{name:12s} {seconds:7.3f} s  {tokens / seconds:8.1f} tokens/s  "
           f"MFU {flops / seconds / rate:6.1%}")
+  print(f"roofline_fraction={roofline_s / our_s:.2f} (hf generate "
+        f"{roofline_s / hf_s:.2f})")
   print(f"speedup_vs_hf_generate={hf_s / our_s:.2f}")
 
 
