@@ -163,22 +163,24 @@ def make_mesh(config, where: Target) -> jax.sharding.Mesh:
 # ---------------------------------------------------------------------------
 
 
-def model_config(config) -> tuple[models.VideoLlavaConfig, str]:
-  """The run's architecture and where it comes from.
+def model_config(config) -> tuple[Any, str]:
+  """The run's architecture (its family's config) and where it comes from.
 
   The checkpoint's config.json when it is on this host; the synthetic world's
-  tiny model; else Video-LLaVA-7B (the defaults of models.VideoLlavaConfig),
-  the architecture of every checkpoint the paper's configs name.
+  tiny model; else the family's default config (video_llava's is
+  Video-LLaVA-7B, the architecture of every checkpoint the paper's configs
+  name).
   """
-  checkpoint = config.model.checkpoint
+  family, checkpoint = config.model.family, config.model.checkpoint
   if checkpoint and (pathlib.Path(checkpoint) / "config.json").is_file():
-    return checkpoints.read_config(checkpoint)[0], f"{checkpoint}/config.json"
+    return (checkpoints.read_config(checkpoint, family)[0],
+            f"{checkpoint}/config.json")
   if config.get("world") is not None:
     vocab = config.world.vocab_size
-    return (bootstrap.tiny_model_config(config.world, vocab, vocab - 1),
+    return (bootstrap.tiny_model_config(config.world, vocab, vocab - 1, family),
             "the synthetic world's tiny model")
-  return models.VideoLlavaConfig(), (
-      f"Video-LLaVA-7B's architecture ({checkpoint or 'no checkpoint'} is "
+  return models.registry.get(family).config(), (
+      f"{family}'s default architecture ({checkpoint or 'no checkpoint'} is "
       "not on this host)")
 
 
@@ -186,6 +188,7 @@ def model_config(config) -> tuple[models.VideoLlavaConfig, str]:
 class Shapes:
   """The longest rows of a run, in tokens (video tokens included)."""
   prompt: int  # a generation prompt
+  suffix: int  # a judge order's tokens after the start it shares
   dpo_prompt: int
   dpo_response: int
   sft_prompt: int
@@ -215,17 +218,18 @@ def _longest_row(max_length: int, video_tokens: int, buckets, responses: int,
   return best
 
 
-def run_shapes(config, model_cfg: models.VideoLlavaConfig) -> Shapes:
+def run_shapes(config, video_tokens: int) -> Shapes:
   """Shapes for `config`'s data.max_length and buckets.
 
   A DPO response is a sample of at most answer.max_new_tokens tokens; its
-  text, tokenised again with the template's stop text, can be one longer.
+  text, tokenised again with the template's stop text, can be one longer. A
+  judge order's own part is at most a whole prompt's text.
   """
-  args = (config.data.max_length, model_cfg.num_video_tokens,
-          config.sampling.buckets)
+  args = (config.data.max_length, video_tokens, config.sampling.buckets)
   dpo = _longest_row(*args, 2, config.sampling.answer.max_new_tokens + 1)
   sft_ = _longest_row(*args, 1, config.data.max_length)
-  return Shapes(prompt=_longest_row(*args, 0, 1)[0], dpo_prompt=dpo[0],
+  prompt = _longest_row(*args, 0, 1)[0]
+  return Shapes(prompt=prompt, suffix=prompt - video_tokens, dpo_prompt=dpo[0],
                 dpo_response=dpo[1], sft_prompt=sft_[0], sft_target=sft_[1])
 
 
@@ -253,46 +257,48 @@ def _placed(tree, shardings):
       tree, shardings)
 
 
-def abstract_model(config, model_cfg) -> models.VideoLlava:
+def abstract_model(config, model_cfg) -> models.VideoLanguageModel:
   """The run's model, as shapes only: bf16 (or the config's) compute over
   float32 parameters, as models.load_pretrained gives it."""
-  return nnx.eval_shape(lambda: models.VideoLlava(
+  family = models.registry.get(config.model.family)
+  return nnx.eval_shape(lambda: family.model(
       model_cfg, rngs=nnx.Rngs(0), dtype=jnp.dtype(config.model.dtype),
       param_dtype=jnp.float32))
 
 
-def _with_stops(params: sampling.SamplingParams, model_cfg) -> sampling.SamplingParams:
+def _with_stops(params: sampling.SamplingParams, video: models.VideoInput
+                ) -> sampling.SamplingParams:
   """`params` with Policy's stops: one stop id (its value does not change the
   program) and the video placeholder banned."""
-  return dataclasses.replace(params, stop_ids=(2,),
-                             banned_ids=(model_cfg.video_token_id,))
+  return dataclasses.replace(params, stop_ids=(2,), banned_ids=(video.token_id,))
 
 
-def sampling_programs(config, model: models.VideoLlava, mesh,
+def sampling_programs(config, model: models.VideoLanguageModel, mesh,
                       shapes: Shapes) -> list[Program]:
   """The Sampler's programs of each stage at the sampling batch and the
-  longest prompt: answers (2 samples a prompt), contexts, the judge (one
-  scoring pass, or generated verdicts) and the evaluation's greedy answers."""
+  longest prompt: answers (2 samples a prompt), contexts, the judge (a pair's
+  two orders continue their shared start: one scoring pass, or generated
+  verdicts) and the evaluation's greedy answers."""
   sampler = sampling.Sampler(model, mesh)
   state = _placed(sampler.state, parallel.state_shardings(sampler.state, mesh))
   rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
   replicated = NamedSharding(mesh, P())
   batch, length = config.sampling.batch_size, shapes.prompt
-  vision = model.config.vision
-  prompts = (
-      jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows),
-      jax.ShapeDtypeStruct((batch, length), bool, sharding=rows),
-      jax.ShapeDtypeStruct((batch, vision.num_frames, vision.image_size,
-                            vision.image_size, 3), jnp.float32, sharding=rows))
+  tokens = lambda b, n: (jax.ShapeDtypeStruct((b, n), jnp.int32, sharding=rows),
+                         jax.ShapeDtypeStruct((b, n), bool, sharding=rows))
+  prompts = (*tokens(batch, length), jax.ShapeDtypeStruct(
+      (batch, *model.video.frames_shape), jnp.float32, sharding=rows))
+  orders = tokens(2 * batch, shapes.suffix)
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   uids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
 
-  def generation(stage, params, num_samples):
-    params = _with_stops(params, model.config)
-    shape = (f"{batch} prompts x {num_samples}, {length} + "
+  def generation(stage, params, num_samples, suffixes=()):
+    params = _with_stops(params, model.video)
+    own = f" + {suffixes[0].shape[1]}" if suffixes else ""
+    shape = (f"{batch} prompts x {num_samples}, {length}{own} + "
              f"{params.max_new_tokens} tokens")
     prefill = Program(f"{stage} prefill", shape, lambda _: sampler._prefill.lower(
-        state, *prompts, num_samples=num_samples,
+        state, *prompts, *suffixes, num_samples=num_samples,
         max_new_tokens=params.max_new_tokens))
     decode = Program(f"{stage} decode", shape + ", per token",
                      lambda done: sampler._decode.lower(
@@ -305,10 +311,12 @@ def sampling_programs(config, model: models.VideoLlava, mesh,
   out = generation("answers", settings.sampling_params(answer), 2)
   out += generation("contexts", settings.sampling_params(context), 1)
   if config.self_judge.mode == "generative":
-    out += generation("judge", greedy(config.self_judge.max_new_tokens), 1)
+    out += generation("judge", greedy(config.self_judge.max_new_tokens), 2,
+                      orders)
   else:
-    out.append(Program("judge score", f"{batch} prompts, {length} tokens",
-                       lambda _: sampler._score.lower(state, *prompts)))
+    out.append(Program("judge score", f"{batch} pairs, {length} + 2 x "
+                       f"{shapes.suffix} tokens",
+                       lambda _: sampler._score.lower(state, *prompts, *orders)))
   if config.eval.enabled:
     out += generation("eval", greedy(answer.max_new_tokens), 1)
   return out
@@ -338,9 +346,7 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
   batch_size, accum = config.train.batch_size, config.train.grad_accum_steps
   rows = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(
       shape, dtype, sharding=trainer.batch_sharding)
-  vision = model.config.vision
-  frames = lambda b: rows(b, vision.num_frames, vision.image_size,
-                          vision.image_size, 3, dtype=jnp.uint8)
+  frames = lambda b: rows(b, *model.video.frames_shape, dtype=jnp.uint8)
   prompt = lambda b, length: (rows(b, length), rows(b, length, dtype=bool))
   pairs = batching.PreferenceBatch(
       *prompt(batch_size, shapes.dpo_prompt),
@@ -579,7 +585,7 @@ def iteration_estimate(config, rows: Sequence[Row], chip: Chip) -> str:
       ("contexts", batches(prompts, sampling_batch),
        f"(prefill + {s.context.max_new_tokens} decode steps)",
        generate("contexts", s.context.max_new_tokens)),
-      ("judgments", batches(2 * prompts, sampling_batch), *judging),
+      ("judgments", batches(prompts, sampling_batch), *judging),
       ("reference", batches(prompts, train_batch), "(features + log-probs)",
        t["train video features"] + t["reference log-probs"]),
       ("dpo", dpo_steps, f"(features + {accum} micro-batches)",
@@ -609,9 +615,9 @@ def plan(config, topology: str | None, *, cache: pathlib.Path | None = None,
   mesh = make_mesh(config, where)
   _check_batches(config, mesh)
   model_cfg, source = model_config(config)
-  shapes = run_shapes(config, model_cfg)
   log(f"plan: {source} on {where.name}, mesh {dict(mesh.shape)}")
   model = abstract_model(config, model_cfg)
+  shapes = run_shapes(config, model.video.num_tokens)
   dpo_steps = math.ceil(config.train.epochs * (config.data.prompts_per_iteration
                                                or 1000) / config.train.batch_size)
   programs = (sampling_programs(config, model, mesh, shapes)
