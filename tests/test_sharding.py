@@ -1,4 +1,6 @@
 """Mesh construction, logical-axis shardings and sharded forward on 8 CPU devices."""
+import re
+
 import hf_reference as ref
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
+from isr_dpo_jax import train
+from isr_dpo_jax.data import batching
 
 
 def test_make_mesh_fills_one_axis():
@@ -62,3 +66,37 @@ def test_sharded_forward_equals_unsharded(checkpoint, mesh):
   expected = model(jnp.asarray(ids), videos=jnp.asarray(frames), attention_mask=jnp.asarray(mask))
   assert got.sharding.mesh == mesh
   tolerance.assert_close(got, expected)
+
+
+def test_shard_rows_pins_the_rows_under_a_mesh_only(mesh):
+  x = jax.device_put(jnp.ones((8, 3, 6)), NamedSharding(mesh, P(None, None, "tensor")))
+  assert parallel.shard_rows(x) is x  # no mesh to trace under
+
+  def on_mesh(x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return parallel.shard_rows(x * 2)
+
+  # Rows over the batch axes (data is 1 here); the rest as it was.
+  assert jax.jit(on_mesh)(x).sharding.spec == P("fsdp", None, "tensor")
+
+
+def test_training_pins_each_decoder_layers_rows(checkpoint, mesh):
+  """The DPO update constrains every layer's input to the batch axes, so that
+  XLA gathers FSDP's weights instead of every device's rows."""
+  model = models.load_pretrained(checkpoint, mesh=mesh)
+  trainer = train.Trainer(model, train.TrainConfig(remat="nothing_saveable"),
+                          mesh, total_steps=1)
+  rows = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=trainer.batch_sharding)
+  video_tokens = model.video.num_tokens
+  pairs = batching.PreferenceBatch(
+      rows(4, video_tokens + 4), rows(4, video_tokens + 4, dtype=bool),
+      rows(4, 3), rows(4, 3, dtype=bool), rows(4, 3), rows(4, 3, dtype=bool))
+  state = trainer.abstract_state()
+  feats = trainer.encode_video.eval_shape(
+      state.params, rows(4, *model.video.frames_shape, dtype=jnp.uint8))
+  text = trainer.dpo_step.lower(
+      state, pairs, rows(*feats.shape, dtype=feats.dtype),
+      rows(4, dtype=jnp.float32), rows(4, dtype=jnp.float32)).as_text()
+  layers = len(model.language_model.layers)
+  assert len(re.findall(r'sharding_constraint [^\n]*\[\{"data", "fsdp"\}', text)) >= layers

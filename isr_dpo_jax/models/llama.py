@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from isr_dpo_jax import parallel
 from isr_dpo_jax.models import layers
 from isr_dpo_jax.models.config import LlamaConfig
 
@@ -328,7 +329,8 @@ class Llama(nnx.Module):
         kv, slot = (cache.keys[i], cache.values[i]), index - cache.prefix_len
         if cache.prefix_keys is not None:
           prefix = (cache.prefix_keys[i], cache.prefix_values[i])
-      x, kv = call(layer, x, cos_sin, mask_BxLxS, kv, slot, prefix)
+      x, kv = call(layer, parallel.shard_rows(x), cos_sin, mask_BxLxS, kv, slot,
+                   prefix)
       kvs.append(kv)
     return self.norm(x), kvs
 
