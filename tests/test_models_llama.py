@@ -1,5 +1,6 @@
 """The LLaMA decoder against transformers: rotary scaling, tied head, explicit masks."""
 import hf_reference as ref
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from isr_dpo_jax import models
 from isr_dpo_jax.models import config as config_lib
+from isr_dpo_jax.models import layers
 from isr_dpo_jax.models.llama import rope_inverse_frequencies
 
 ROPE = {
@@ -74,3 +76,35 @@ def test_packed_row_with_block_mask_equals_separate_rows(pair):
     alone, _ = model.decode(model.embed(jnp.asarray(row)), jnp.arange(row.shape[1])[None])
     tolerance.assert_close(logits[0, start:start + len(response)], alone[0, p:])
     tolerance.assert_close(logits[0, :p], alone[0, :p])
+
+
+def _attention_grads(mask):
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(2, 37, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(2, 37, 2, 8)), jnp.float32) for _ in "kv")
+  loss = lambda q, k, v: (layers.attention(q, k, v, mask) ** 2).sum()
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+@pytest.mark.parametrize("mask", ["packed", "causal", None])
+def test_attention_in_query_blocks_equals_one_pass(mask, monkeypatch):
+  """37 queries in blocks of 8 (the last one padded): values and gradients."""
+  rng = np.random.default_rng(1)
+  masks = {"packed": jnp.asarray(rng.random((2, 37, 37)) < 0.6) | jnp.eye(37, dtype=bool),
+           "causal": jnp.tril(jnp.ones((1, 37, 37), bool)), None: None}
+  want = _attention_grads(masks[mask])
+  monkeypatch.setattr(layers, "QUERY_BLOCK", 8)
+  got = _attention_grads(masks[mask])
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    tolerance.assert_close(g, w)
+
+
+def test_long_attention_backward_holds_less_than_its_logits():
+  """4096 queries x 4096 keys x 4 heads: the float32 logits are 256 MiB; the
+  gradient's temporaries stay below one such copy (blocks of 512 queries)."""
+  q = jax.ShapeDtypeStruct((1, 4096, 4, 32), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((1, 4096, 4096), bool)
+  grad = jax.grad(lambda q, k, v, mask: layers.attention(q, k, v, mask).astype(
+      jnp.float32).sum(), argnums=(0, 1, 2))
+  memory = jax.jit(grad).lower(q, q, q, mask).compile().memory_analysis()
+  assert memory.temp_size_in_bytes < 4 * 4096 * 4096 * 4
