@@ -6,6 +6,10 @@ top of the test session (the Makefile sets the same values).
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# CPU devices only: with libtpu installed (the test extra), JAX would probe
+# for a TPU in every process, 1.4 s each. test_plan's TPU topologies need no
+# TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     os.path.join(os.path.dirname(os.path.dirname(__file__)), ".jax_cache"))
