@@ -1,4 +1,4 @@
-"""DPO and SFT objectives on response log-probs (METHOD.md section 3).
+"""DPO and SFT objectives on response log-probs (docs/method.md §3).
 
 Pure functions, no model. Their logits are already aligned with the tokens
 they score: `logits_BxTxV[:, t]` scores `targets_BxT[:, t]`. `packing.py` owns

@@ -1,6 +1,6 @@
 """The ISR-DPO loop: `isr-dpo iterate --config=configs/<name>.py --workdir=<dir>`.
 
-Iteration t, in `<workdir>/iter_<t>/` (METHOD.md section 1):
+Iteration t, in `<workdir>/iter_<t>/` (docs/method.md §1):
   1. responses.jsonl, contexts.jsonl   two answers per prompt; c_t per video
   2. judgments.jsonl                   pi_t's preference between its answers
   3. pairs.jsonl                       DPO records with reference log-probs

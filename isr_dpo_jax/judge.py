@@ -1,4 +1,4 @@
-"""Self-retrospective context prompts and the judging protocol (METHOD.md 2).
+"""Self-retrospective context prompts and the judging protocol (docs/method.md §2).
 
 The loop's judge (judges.py) compares two answers of the policy, y1 and y2,
 in both orders: once with y1 shown as "Response A" and once with y2 as

@@ -1,4 +1,4 @@
-"""The stages of one ISR-DPO iteration (METHOD.md section 1), each resumable.
+"""The stages of one ISR-DPO iteration (docs/method.md §1), each resumable.
 
   responses  two sampled answers per (video, question)       responses.jsonl
   contexts   c_t(V) written while revisiting c_{t-1}(V)       contexts.jsonl

@@ -29,7 +29,7 @@ def np_log_sigmoid(x):
 
 def np_dpo(pc, pr, rc, rr, lc, lr, *, beta=0.1, loss_type="sigmoid",
            label_smoothing=0.0, length_penalty=0.0, length_normalized=False):
-  """METHOD.md section 3, in float64."""
+  """docs/method.md §3, in float64."""
   if length_normalized or loss_type == "ipo":
     pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
   logits = (pc - rc) - (pr - rr) - length_penalty * (lc - lr)

@@ -1,6 +1,6 @@
 """LanguageBind temporal attention against an independent PyTorch reference.
 
-The reference is written from METHOD.md section 4: per layer, add the temporal
+The reference is written from docs/method.md §4: per layer, add the temporal
 embedding, then LayerNorm -> attention over the frames at each token position ->
 residual; then the usual pre-LN spatial attention and MLP. The test writes a tiny
 checkpoint in the original Video-LLaVA (llava_llama) layout and loads it.

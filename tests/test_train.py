@@ -2,7 +2,7 @@
 
 A tiny random transformers VideoLlava is the policy (and, with another seed,
 the reference); our model is loaded from its save_pretrained. The torch side
-is written here from the formulas of METHOD.md section 3: TRL-style rows
+is written here from the formulas of docs/method.md §3: TRL-style rows
 [prompt ; response], summed response log-probs, the sigmoid loss with label
 smoothing plus gamma x chosen cross-entropy, global-norm clipping and AdamW
 with weight decay on matrices only (HF Trainer's parameter groups).
@@ -117,7 +117,7 @@ def _torch_response_logps(hf, batch, frames):
 
 
 def _torch_dpo(policy_hf, reference_hf, batch, frames, config):
-  """Loss and metrics of METHOD.md section 3, then one clipped AdamW step."""
+  """Loss and metrics of docs/method.md §3, then one clipped AdamW step."""
   with torch.no_grad():
     ref_chosen, ref_rejected = _torch_response_logps(reference_hf, batch,
                                                      frames)

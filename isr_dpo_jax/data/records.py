@@ -1,6 +1,6 @@
 """JSON-lines records: the ShareGPTVideo / LLaVA-Hound formats, validated.
 
-Three formats (METHOD.md, section 5):
+Three formats (docs/method.md §5):
   qa:       {"id", "video", "conversations": [{"from": "human", "value"},
                                               {"from": "gpt", "value"}, ...]}
   dpo:      {"id", "video", "prompt", "chosen", "rejected"} + any extra fields
