@@ -1,11 +1,15 @@
 """Streaming generation over a dataset: batches, buckets, progress, order.
 
 A stage hands an iterable of prompts to `generate` and gets back, prompt by
-prompt and in input order, `num_samples` samples each. Prompts are batched as
-they come (no look-ahead) with data.batching's contract: left-padded to a
-bucket (the video tokens as an offset, so the text length picks the bucket),
-and a short last batch filled with dummy rows whose results are dropped. So a
-stage runs a few shapes, each compiled once.
+prompt and in input order, `num_samples` samples each. Prompts are taken as
+they come (no look-ahead) into batch_size slots (continuous batching,
+sampling.Slots): a prompt whose samples have all stopped leaves its slot to
+the next, so short answers do not wait for long ones. Prompts are prefilled
+with data.batching's contract: left-padded to a bucket (the video tokens as
+an offset, so the text length picks the bucket), a batch short of a size
+filled with dummy rows whose results are dropped. So a stage runs a few
+shapes, each compiled once. Prompts with suffixes (a judge's two orders) run
+in static batches, each until its longest row stops.
 
 A prompt's samples are drawn with keys from its uid: a stable id given with
 the prompt (`stable_uid` of its record id, so that a resumed stage draws the
@@ -15,6 +19,7 @@ host iterates its own prompts; position uids then fold in the host's index.
 from collections.abc import Iterable, Iterator, Sequence
 import dataclasses
 import itertools
+import math
 import zlib
 
 import jax
@@ -193,31 +198,124 @@ def _batches(sampler: sampling.Sampler, prompts: Iterable[Prompt],
     position += len(batch)
 
 
+def _static(sampler: sampling.Sampler, prompts: Iterable[Prompt],
+            params: sampling.SamplingParams, *, batch_size: int,
+            num_samples: int, seed: int, pad_id: int,
+            buckets: Sequence[int]) -> Iterator[tuple[int, sampling.Generation, int]]:
+  """Batch by batch, each run until its longest row stops: yields (stream
+  position, the batch's samples, the prompt's first row), in order."""
+  for b in _batches(sampler, prompts, batch_size, pad_id, buckets, num_samples):
+    suffix_ids, suffix_mask = b.suffixes
+    out = sampler(b.rows.prompt_ids, b.rows.prompt_mask, b.videos, b.uids,
+                  params, num_samples=num_samples, seed=seed,
+                  suffix_ids_NxM=suffix_ids, suffix_mask_NxM=suffix_mask)
+    for i in range(b.real):
+      yield b.position + i, out, i * num_samples
+
+
+def _insert_size(sampler: sampling.Sampler, count: int, slots: int) -> int:
+  """Prompts per insert: count rounded up to a power of two times the rows
+  each process must give the mesh's data shards (few shapes), at most slots."""
+  shards = 1 if sampler.mesh is None else (sampler.mesh.shape["data"]
+                                           * sampler.mesh.shape["fsdp"])
+  size = shards // math.gcd(shards, jax.process_count())
+  while size < count:
+    size *= 2
+  return min(size, slots)
+
+
+def _fill(sampler: sampling.Sampler, slots: sampling.Slots | None,
+          new: list[Prompt], free: list[int], position: int, count: int,
+          longest: int, any_video: bool, params: sampling.SamplingParams, *,
+          batch_size: int, num_samples: int, seed: int, pad_id: int,
+          buckets: Sequence[int]) -> sampling.Slots:
+  """Prefills the prompts `new` (stream positions from `position`) into the
+  free slots, making the slots at the first call and widening them to a
+  longer bucket; count, longest and any_video are agreed over processes."""
+  offset = sampler.video.num_tokens if any_video else 0
+  width = batching.bucket_length(longest, buckets, offset)
+  if slots is None:
+    slots = sampler.slots(batch_size, width, params, num_samples=num_samples,
+                          seed=seed)
+  slots.widen(width)
+  size = _insert_size(sampler, count, batch_size)
+  rows = batching.PromptBatch(*batching.pad(
+      [np.asarray(p.token_ids, np.int32) for p in new], width, pad_id,
+      left=True, batch_size=size))
+  videos = (_videos(new, size, position, sampler.video.frames_shape)
+            if any_video else None)
+  into, uids = np.full(size, -1), np.zeros(size, np.int32)
+  into[:len(new)] = free[:len(new)]
+  uids[:len(new)] = [prompt_uid(p, position + i) for i, p in enumerate(new)]
+  slots.insert(rows.prompt_ids, rows.prompt_mask, videos, into, uids)
+  return slots
+
+
+def _continuous(sampler: sampling.Sampler, prompts: Iterable[Prompt],
+                params: sampling.SamplingParams, **kwargs
+                ) -> Iterator[tuple[int, sampling.Generation, int]]:
+  """Continuous batching over batch_size prompt slots (sampling.Slots): a
+  prompt whose samples have all stopped leaves its slot to the next one in
+  the stream. Yields (stream position, samples, the prompt's first row) as
+  prompts finish, out of order. kwargs: `_fill`'s."""
+  stream, n = iter(prompts), kwargs["num_samples"]
+  held: list[int | None] = [None] * kwargs["batch_size"]  # position per slot
+  slots, position, exhausted = None, 0, False
+  while True:
+    free = [s for s, p in enumerate(held) if p is None]
+    new = [] if exhausted else list(itertools.islice(stream, len(free)))
+    exhausted = exhausted or len(new) < len(free)
+    count, longest, any_video, busy, more = _agreed(np.array([
+        len(new), max((len(p.token_ids) for p in new), default=1),
+        any(p.video is not None for p in new), len(free) < len(held),
+        not exhausted]))
+    if not count and not busy:
+      return
+    if count:
+      slots = _fill(sampler, slots, new, free, position, count, longest,
+                    any_video, params, **kwargs)
+      for i, s in enumerate(free[:len(new)]):
+        held[s] = position + i
+      position += len(new)
+    out, done = slots.run(drain=not more)
+    for s, p in enumerate(held):
+      if p is not None and done[s * n:(s + 1) * n].all():
+        yield p, out, s * n
+        held[s] = None
+
+
 def generate(sampler: sampling.Sampler, prompts: Iterable[Prompt],
              params: sampling.SamplingParams, *,
              tokenizer: transformers.PreTrainedTokenizerBase, batch_size: int,
              num_samples: int = 1, seed: int = 0,
              buckets: Sequence[int] = batching.BUCKETS,
-             progress: bool = True) -> Iterator[list[Sample]]:
+             progress: bool = True, static: bool = False) -> Iterator[list[Sample]]:
   """Yields each prompt's `num_samples` samples, in input order.
 
   `batch_size` counts prompts per batch on this host; batch_size (and so
-  batch_size * num_samples) must divide over the mesh's data axes.
+  batch_size * num_samples) must divide over the mesh's data axes. Prompts
+  run with continuous batching (`_continuous`); with suffixes (a judge's
+  orders), or static=True, batch by batch (`_static`). Either way a prompt's
+  samples are the same (its uid's keys).
   """
   bar = tqdm.tqdm(unit="tok", desc="generate", disable=not progress,
                   dynamic_ncols=True)
-  for b in _batches(sampler, prompts, batch_size, tokenizer.pad_token_id or 0,
-                    buckets, num_samples):
-    suffix_ids, suffix_mask = b.suffixes
-    out = sampler(b.rows.prompt_ids, b.rows.prompt_mask, b.videos, b.uids,
-                  params, num_samples=num_samples, seed=seed,
-                  suffix_ids_NxM=suffix_ids, suffix_mask_NxM=suffix_mask)
-    real_rows = b.real * num_samples
-    bar.update(int(out.lengths[:real_rows].sum()))
-    bar.set_postfix(prompts=b.position + b.real)
-    for first in range(0, real_rows, num_samples):
-      yield [_sample(out, r, tokenizer)
-             for r in range(first, first + num_samples)]
+  stream = iter(prompts)
+  first = list(itertools.islice(stream, 1))
+  static = static or bool(_agreed(np.array([any(p.suffixes for p in first)]))[0])
+  engine = _static if static else _continuous
+  finished, next_position = {}, 0
+  for position, out, row in engine(
+      sampler, itertools.chain(first, stream), params, batch_size=batch_size,
+      num_samples=num_samples, seed=seed, pad_id=tokenizer.pad_token_id or 0,
+      buckets=buckets):
+    finished[position] = [_sample(out, r, tokenizer)
+                          for r in range(row, row + num_samples)]
+    bar.update(sum(s.length for s in finished[position]))
+    while next_position in finished:
+      yield finished.pop(next_position)
+      next_position += 1
+      bar.set_postfix(prompts=next_position)
   bar.close()
 
 

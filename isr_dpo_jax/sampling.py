@@ -20,9 +20,19 @@ common start (video, context, question) once. A jitted
 `lax.while_loop` then samples and feeds one token per step for every row, in
 place in the donated cache, until all rows hit a stop id or max_new_tokens.
 Sample j of prompt u draws with its own key, fold_in(fold_in(key(seed), u), j),
-so results are reproducible and do not depend on the batch around them. Rows
-are split over the mesh's ('data', 'fsdp') axes; parameters keep their own
-shardings.
+and its t-th token with fold_in(that key, t), so results are reproducible and
+do not depend on the batch around them. Rows are split over the mesh's
+('data', 'fsdp') axes; parameters keep their own shardings.
+
+Continuous batching (`Slots`). The same cache, prompt keys and loop, but the
+loop stops as soon as a prompt's rows have all stopped; the next prompt is
+prefilled into that slot of the running cache (`_insert`: its keys
+left-padded to the slots' prefix width, its rows' own slots emptied, its
+first token sampled) and the loop resumes. Rows' own slots are a ring that
+every row writes at the same index (`_forward`), so rows that started at
+different steps share one static cache; a row's position, length and key
+are its own. Prompts with suffixes (a judge's orders) run in static batches
+only (`Sampler.__call__`).
 """
 import functools
 
@@ -155,7 +165,7 @@ class _Decoding:
   positions: jax.Array  # int32 [N]: position of the next token to feed
   valid: jax.Array  # bool [N, S]: cache slots holding real keys
   cache: models.interface.Cache
-  step: jax.Array  # int32: tokens sampled so far
+  keys: jax.Array | None = None  # uint32 [N, 2]: each row's sample key data
 
 
 def _shard_rows(tree, mesh):
@@ -260,8 +270,7 @@ def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
       last_tokens=jnp.zeros((rows,), jnp.int32),
       positions=positions_N,
       valid=valid_NxS,
-      cache=cache,
-      step=jnp.zeros((), jnp.int32))
+      cache=cache)
   return _shard_rows((logits_NxV, carry), mesh)
 
 
@@ -280,35 +289,73 @@ def _is_stop(tokens_N, stop_ids):
   return jnp.isin(tokens_N, jnp.asarray(stop_ids, jnp.int32))
 
 
-def _record(carry: _Decoding, logits_NxV, keys_N, params: SamplingParams):
-  """Samples one token per row and appends it to the rows still running."""
-  fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-  step_keys = fold(keys_N, carry.step)
+def _record(carry: _Decoding, logits_NxV, params: SamplingParams):
+  """Samples one token per row and appends it to the rows still running.
+
+  A row's t-th token draws with fold_in(its key, t), t counted in the row
+  (out.lengths), so a row's samples do not depend on when it started.
+  """
+  out = carry.out
+  step_keys = jax.vmap(jax.random.fold_in)(
+      jax.random.wrap_key_data(carry.keys), out.lengths)
   tokens_N = next_tokens(logits_NxV, step_keys, params)
   running = ~carry.done
   stopped = running & _is_stop(tokens_N, params.stop_ids)
-  out = carry.out
+  rows_N = jnp.arange(tokens_N.shape[0])
   out = out.replace(
-      tokens=out.tokens.at[:, carry.step].set(jnp.where(running, tokens_N, 0)),
+      tokens=out.tokens.at[rows_N, out.lengths].set(
+          jnp.where(running, tokens_N, 0), mode="drop"),
       logprobs=out.logprobs + jnp.where(
           running, token_logprobs(logits_NxV, tokens_N), 0),
       lengths=out.lengths + running,
       stopped=out.stopped | stopped)
-  step = carry.step + 1
-  done = carry.done | stopped | (step >= params.max_new_tokens)
-  return carry.replace(out=out, done=done, last_tokens=tokens_N, step=step)
+  done = carry.done | stopped | (out.lengths >= params.max_new_tokens)
+  return carry.replace(out=out, done=done, last_tokens=tokens_N)
 
 
 def _forward(model, carry: _Decoding):
-  """Feeds every row's last token; returns next-token logits and the carry."""
+  """Feeds every row's last token; returns next-token logits and the carry.
+
+  The token goes to slot cache.index of every row. A row's own slots are a
+  ring: after the last slot the index wraps to the first one after the
+  prefix, so rows that start later (continuous batching) keep writing; a row
+  runs fewer steps than it has slots, so it never overwrites its own keys.
+  The mask is given whole ([N, 1, S]): causal order in slots no longer holds
+  once the index wraps, and validity alone marks what a row sees.
+  """
   x_Nx1xD = model.embed(carry.last_tokens[:, None])
   slot = carry.cache.index
   valid = jax.lax.dynamic_update_slice(
       carry.valid, jnp.ones((carry.valid.shape[0], 1), bool), (0, slot))
-  logits_Nx1xV, cache = model.decode(x_Nx1xD, carry.positions[:, None], valid,
-                                     carry.cache)
-  carry = carry.replace(valid=valid, cache=cache, positions=carry.positions + 1)
+  logits_Nx1xV, cache = model.decode(x_Nx1xD, carry.positions[:, None],
+                                     valid[:, None, :], carry.cache)
+  index = jnp.where(cache.index == valid.shape[1], cache.prefix_len, cache.index)
+  carry = carry.replace(valid=valid, cache=cache.replace(index=index),
+                        positions=carry.positions + 1)
   return logits_Nx1xV[:, 0], carry
+
+
+def _free_groups(done_N, num_samples):
+  """Prompts (groups of num_samples rows) whose rows have all stopped."""
+  return jnp.sum(jnp.all(done_N.reshape(-1, num_samples), axis=1))
+
+
+def _run(model, mesh, carry: _Decoding, drain, params: SamplingParams,
+         num_samples):
+  """Feeds and samples until every row has stopped, or (unless drain) until
+  one more prompt than at the start has all its samples stopped: its slot is
+  then free for the next prompt."""
+  free_at_start = _free_groups(carry.done, num_samples)
+
+  def running(carry):
+    more_free = _free_groups(carry.done, num_samples) > free_at_start
+    return ~jnp.all(carry.done) & (drain | ~more_free)
+
+  def step(carry):
+    logits_NxV, carry = _forward(model, carry)
+    return _shard_rows(_record(carry, logits_NxV, params), mesh)
+
+  return jax.lax.while_loop(running, step, carry)
 
 
 def _decode(graphdef, mesh, state, logits_NxV, carry: _Decoding, seed, uids_B,
@@ -318,15 +365,95 @@ def _decode(graphdef, mesh, state, logits_NxV, carry: _Decoding, seed, uids_B,
   Returns the whole final carry: its cache is then the donated input buffer,
   updated in place, rather than a copy.
   """
-  model = nnx.merge(graphdef, state)
   keys_N = _sample_keys(seed, uids_B, first_sample, num_samples)
+  carry = _record(carry.replace(keys=jax.random.key_data(keys_N)), logits_NxV,
+                  params)
+  return _run(nnx.merge(graphdef, state), mesh, carry, True, params,
+              num_samples)
 
-  def step(carry):
-    logits_NxV, carry = _forward(model, carry)
-    return _shard_rows(_record(carry, logits_NxV, keys_N, params), mesh)
 
-  carry = _record(carry, logits_NxV, keys_N, params)
-  return jax.lax.while_loop(lambda c: ~jnp.all(c.done), step, carry)
+def _empty(graphdef, mesh, cache_dtype, state, ids_GxP, mask_GxP, videos, *,
+           num_samples, max_new_tokens):
+  """The carry of G prompt slots (prefix width P) that hold nothing yet:
+  every row stopped, no slot valid, the write index at the first own slot."""
+  _, shapes = jax.eval_shape(
+      functools.partial(_prefill, graphdef, None, cache_dtype,
+                        num_samples=num_samples, max_new_tokens=max_new_tokens),
+      state, ids_GxP, mask_GxP, videos)
+  carry = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+  rows = carry.done.shape[0]
+  carry = carry.replace(done=jnp.ones((rows,), bool),
+                        keys=jnp.zeros((rows, 2), jnp.uint32))
+  carry = carry.replace(cache=carry.cache.replace(
+      index=jnp.asarray(carry.cache.prefix_len, jnp.int32)))
+  return _shard_rows(carry, mesh)
+
+
+def _widen(carry: _Decoding, *, width):
+  """The carry with its prompts' prefix left-padded to `width` slots."""
+  cache = carry.cache
+  pad = width - cache.prefix_len
+  left = lambda x, axis: jnp.pad(x, [(pad, 0) if a == axis else (0, 0)
+                                     for a in range(x.ndim)])
+  cache = cache.replace(
+      prefix_keys=tuple(left(k, 3) for k in cache.prefix_keys),
+      prefix_values=tuple(left(v, 2) for v in cache.prefix_values),
+      index=cache.index + pad)
+  return carry.replace(cache=cache, valid=left(carry.valid, 1))
+
+
+def _insert(graphdef, mesh, cache_dtype, state, carry: _Decoding, ids_KxL,
+            mask_KxL, videos, groups_K, seed, uids_K, *,
+            params: SamplingParams, num_samples):
+  """Prefills K left-padded prompts and puts them in the carry's prompt
+  slots groups_K (a slot past the last: a dummy row, dropped), their first
+  tokens sampled; the other slots keep running untouched.
+
+  A prompt's keys are left-padded to the carry's prefix width and its rows'
+  own slots start empty, so it decodes as it would alone (see `_forward`).
+  """
+  model = nnx.merge(graphdef, state)
+  logits_RxV, cache, positions_R, valid_RxL = _prompts_in_cache(
+      model, ids_KxL, mask_KxL, videos, None, None, cache_dtype, extra_slots=0,
+      num_samples=num_samples)
+  rows = len(positions_R)
+  width = carry.cache.prefix_len
+  own = carry.valid.shape[1] - width
+  fresh = _Decoding(
+      out=jax.tree.map(lambda x: jnp.zeros((rows, *x.shape[1:]), x.dtype),
+                       carry.out),
+      done=jnp.zeros((rows,), bool),
+      last_tokens=jnp.zeros((rows,), jnp.int32),
+      positions=positions_R,
+      valid=jnp.pad(valid_RxL, ((0, 0), (width - valid_RxL.shape[1], own))),
+      cache=None,
+      keys=jax.random.key_data(_sample_keys(seed, uids_K, 0, num_samples)))
+  fresh = _record(fresh, logits_RxV, params)
+  rows_R = (groups_K[:, None] * num_samples
+            + jnp.arange(num_samples)).reshape(-1)
+  put = lambda at: lambda old, new: old.at[at].set(new, mode="drop")
+  rows_of = lambda c: (c.out, c.done, c.last_tokens, c.positions, c.valid,
+                       c.keys)
+  out, done, last_tokens, positions, valid, keys = jax.tree.map(
+      put(rows_R), rows_of(carry), rows_of(fresh))
+  left = lambda x, axis: jnp.pad(x, [(width - x.shape[axis], 0) if a == axis
+                                     else (0, 0) for a in range(x.ndim)])
+  running = carry.cache
+  running = running.replace(
+      prefix_keys=tuple(put(groups_K)(old, left(new, 3)) for old, new in zip(
+          running.prefix_keys, cache.prefix_keys)),
+      prefix_values=tuple(put(groups_K)(old, left(new, 2)) for old, new in zip(
+          running.prefix_values, cache.prefix_values)))
+  carry = _Decoding(out=out, done=done, last_tokens=last_tokens,
+                    positions=positions, valid=valid, cache=running, keys=keys)
+  return _shard_rows(carry, mesh)
+
+
+def _resume(graphdef, mesh, state, carry: _Decoding, drain, *,
+            params: SamplingParams, num_samples):
+  """`_run` on a carry whose rows hold their own keys (continuous batching)."""
+  return _run(nnx.merge(graphdef, state), mesh, carry, drain, params,
+              num_samples)
 
 
 class Sampler:
@@ -353,6 +480,16 @@ class Sampler:
         functools.partial(_decode, graphdef, mesh),
         static_argnames=("params", "num_samples"), donate_argnames=("carry",))
     self._score = jax.jit(functools.partial(_score, graphdef, mesh, cache_dtype))
+    self._empty = jax.jit(
+        functools.partial(_empty, graphdef, mesh, cache_dtype),
+        static_argnames=("num_samples", "max_new_tokens"))
+    self._widen = jax.jit(_widen, static_argnames="width")
+    self._insert = jax.jit(
+        functools.partial(_insert, graphdef, mesh, cache_dtype),
+        static_argnames=("params", "num_samples"), donate_argnames="carry")
+    self._resume = jax.jit(functools.partial(_resume, graphdef, mesh),
+                           static_argnames=("params", "num_samples"),
+                           donate_argnames="carry")
 
   def _put(self, x_local):
     """This process's rows -> a global array sharded over the data axes."""
@@ -366,6 +503,14 @@ class Sampler:
       x = multihost_utils.global_array_to_host_local_array(
           x, self.mesh, P(parallel.BATCH_AXES))
     return np.asarray(x)
+
+  def _global_rows(self, rows: int) -> np.ndarray:
+    """The global indices of this process's rows of a [rows] array."""
+    if self._rows is None or jax.process_count() == 1:
+      return np.arange(rows)
+    index = jax.make_array_from_callback(
+        (rows,), self._rows, lambda where: np.arange(rows, dtype=np.int32)[where])
+    return self._fetch(index)
 
   def _check_rows(self, batch: int):
     if self.mesh is not None:
@@ -414,3 +559,67 @@ class Sampler:
                          self._put(uids_B), np.int32(first_sample),
                          params=params, num_samples=num_samples)
     return jax.tree.map(self._fetch, carry.out)
+
+  def slots(self, prompts: int, width: int, params: SamplingParams, *,
+            num_samples: int = 1, seed: int = 0) -> "Slots":
+    """Continuous batching over `prompts` slots per process (see `Slots`),
+    their prompts' keys `width` slots wide to start with."""
+    self._check_rows(prompts)
+    ids = np.zeros((prompts, width), np.int32)
+    carry = self._empty(self.state, self._put(ids), self._put(ids != 0), None,
+                        num_samples=num_samples,
+                        max_new_tokens=params.max_new_tokens)
+    return Slots(self, carry, params, num_samples, seed)
+
+
+class Slots:
+  """Continuous batching: a fixed batch of prompt slots, refilled as their
+  prompts finish, at static shapes.
+
+  Each slot holds a prompt's num_samples rows. `insert` prefills prompts into
+  free slots of the running cache (`_insert`); `run` decodes every running
+  row until some slot's rows have all stopped (or, draining, all of them).
+  Shapes depend on the slots, the prefix width, max_new_tokens and the
+  inserted batch's size and bucket only, so refilling retraces nothing. A
+  prompt's samples draw with its uid's keys, as `Sampler.__call__` does
+  (fold_in(fold_in(key(seed), uid), j), then the token's index in its row),
+  so they do not depend on the slot, the batch or the step they ran in. On
+  several processes every call is collective: each process passes its own
+  prompts and slots, the batch sizes and widths agreed.
+  """
+
+  def __init__(self, sampler: Sampler, carry: _Decoding,
+               params: SamplingParams, num_samples: int, seed: int):
+    self._sampler, self._carry = sampler, carry
+    self.params, self.num_samples, self.seed = params, num_samples, seed
+    self._groups = sampler._global_rows(len(carry.done) // num_samples)
+    self.width = carry.cache.prefix_len
+
+  def widen(self, width: int):
+    """Left-pads every prompt's keys to `width` slots (a longer bucket)."""
+    if width > self.width:
+      self._carry = self._sampler._widen(self._carry, width=width)
+      self.width = width
+
+  def insert(self, ids_KxL, mask_KxL, videos, slots_K, uids_K):
+    """Prefills K left-padded prompts (L <= width) into this process's slots
+    slots_K (-1: a dummy row), their first tokens sampled."""
+    sampler = self._sampler
+    sampler._check_rows(len(ids_KxL))
+    slots_K = np.asarray(slots_K)
+    groups_K = np.where(slots_K < 0, len(self._carry.done) // self.num_samples,
+                        self._groups[slots_K]).astype(np.int32)
+    self._carry = sampler._insert(
+        sampler.state, self._carry, sampler._put(ids_KxL),
+        sampler._put(mask_KxL), sampler._put(videos), sampler._put(groups_K),
+        np.int32(self.seed), sampler._put(np.asarray(uids_K, np.int32)),
+        params=self.params, num_samples=self.num_samples)
+
+  def run(self, drain: bool) -> tuple[Generation, np.ndarray]:
+    """Decodes until a slot frees (drain: until every row stops); returns
+    this process's rows (row s * n + j: sample j of slot s) and their done."""
+    self._carry = self._sampler._resume(
+        self._sampler.state, self._carry, np.bool_(drain), params=self.params,
+        num_samples=self.num_samples)
+    fetch = self._sampler._fetch
+    return jax.tree.map(fetch, self._carry.out), fetch(self._carry.done)

@@ -1,0 +1,114 @@
+"""Continuous batching: prompts refill freed slots, and each prompt's samples
+are what it gets generated alone."""
+import hf_reference as ref
+import numpy as np
+import pytest
+import tokenizers
+import tolerance
+import transformers
+
+from isr_dpo_jax import generate
+from isr_dpo_jax import models
+from isr_dpo_jax import sampling
+
+STOPS = (2, 7, 11, 13, 17, 19, 23, 29)  # ~1 in 12 ids: rows stop at many lengths
+SAMPLED = sampling.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=12,
+                                  stop_ids=STOPS)
+GREEDY = sampling.SamplingParams(temperature=0, max_new_tokens=12, stop_ids=STOPS)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  path = tmp_path_factory.mktemp("hf")
+  ref.tiny_model(seed=8, num_kv_heads=2).save_pretrained(path)
+  return models.load_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+  return sampling.Sampler(model)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+  vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, ref.VOCAB)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok,
+                                              pad_token="<pad>")
+
+
+def _prompts(sampler, text_lengths, seed):
+  """Prompts with a video and text of the given lengths; every third has a
+  stable uid, the others take their stream position."""
+  rng = np.random.default_rng(seed)
+  placeholders = [ref.VIDEO_ID] * sampler.video.num_tokens
+  clips = ref.videos(len(text_lengths), seed)
+  return [generate.Prompt([1] + placeholders + rng.integers(3, 90, n).tolist(),
+                          clip, uid=None if i % 3 else 1000 + i)
+          for i, (n, clip) in enumerate(zip(text_lengths, clips))]
+
+
+def _alone(sampler, prompt, uid, params, num_samples, seed):
+  """The prompt as the only row of a static batch of its own width."""
+  ids = np.asarray([prompt.token_ids], np.int32)
+  return sampler(ids, np.ones_like(ids, bool), prompt.video[None],
+                 np.array([uid], np.int32), params, num_samples=num_samples,
+                 seed=seed)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("num_samples", [1, 2])
+def test_continuous_batching_returns_what_each_prompt_gets_alone(
+    sampler, tokenizer, params, num_samples):
+  """Nine prompts through two slots, their text 2 to 27 tokens (buckets 8, 16
+  and 32: the slots' keys widen on the way), rows stopping at different
+  lengths: every sample equals the prompt's own one-prompt run."""
+  prompts = _prompts(sampler, [3, 2, 9, 5, 14, 27, 4, 20, 6], seed=num_samples)
+  results = list(generate.generate(
+      sampler, iter(prompts), params, tokenizer=tokenizer, batch_size=2,
+      num_samples=num_samples, seed=4, buckets=(8, 16, 32), progress=False))
+  assert len(results) == len(prompts)
+  lengths = {s.length for r in results for s in r}
+  assert len(lengths) > 1, lengths  # slots free at different steps
+  for position, (prompt, samples) in enumerate(zip(prompts, results)):
+    alone = _alone(sampler, prompt, generate.prompt_uid(prompt, position),
+                   params, num_samples, seed=4)
+    for j, sample in enumerate(samples):
+      np.testing.assert_array_equal(sample.token_ids,
+                                    alone.tokens[j, :alone.lengths[j]])
+      assert (sample.finish_reason == "eos") == alone.stopped[j]
+      tolerance.assert_close(sample.logprob, alone.logprobs[j])
+
+
+def test_continuous_equals_static_batches(sampler, tokenizer):
+  """The same samples as the engine run batch by batch (static=True)."""
+  prompts = _prompts(sampler, [5, 12, 3, 8, 7, 2, 10], seed=5)
+  run = lambda static: [s for r in generate.generate(
+      sampler, prompts, SAMPLED, tokenizer=tokenizer, batch_size=2,
+      num_samples=2, seed=1, progress=False, static=static) for s in r]
+  for got, want in zip(run(False), run(True), strict=True):
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    tolerance.assert_close(got.logprob, want.logprob)
+
+
+def test_refilling_slots_does_not_retrace(model, tokenizer, monkeypatch):
+  """After a first stream has compiled the programs of its shapes (slots,
+  prefix width, the insert sizes), a longer stream in the same bucket refills
+  its slots many more times and traces nothing."""
+  traces = []
+  decoder = models.Llama._decoder  # every prefill and decode step runs it
+
+  def counted(self, *args, **kwargs):
+    traces.append(1)
+    return decoder(self, *args, **kwargs)
+
+  monkeypatch.setattr(models.Llama, "_decoder", counted)
+  fresh = sampling.Sampler(model)  # its own jit caches
+  run = lambda prompts: list(generate.generate(
+      fresh, prompts, SAMPLED, tokenizer=tokenizer, batch_size=2,
+      num_samples=2, buckets=(16,), progress=False))
+  run(_prompts(fresh, [3, 9, 5, 12, 4], seed=6))
+  first = len(traces)
+  assert first > 0
+  run(_prompts(fresh, [7, 2, 11, 6, 13, 3, 8, 10, 5, 9, 4, 12], seed=7))
+  assert len(traces) == first
