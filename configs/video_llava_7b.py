@@ -31,7 +31,10 @@ def get_config():
   config.sampling.batch_size = 64
   config.self_judge.batch_size = 64
   config.train.batch_size = 128  # pairs per step, as in LLaVA-Hound-DPO
+  # 16 packed pairs per micro-batch: one per chip on 16 chips, two on 8.
+  config.train.grad_accum_steps = 8
   config.train.remat = "nothing_saveable"
+  config.sft.batch_size = 16  # one example per chip on 16 chips
   config.eval.test_root = "data/video_instruction/test"
   config.eval.scoring = "judge"
   config.eval.test_sets = ["msvd", "msrvtt", "tgif", "ssv2"]

@@ -105,6 +105,10 @@ _DEVICE_KINDS = {"TPU v4": "v4", "TPU v5": "v5p", "TPU v5p": "v5p",
 # it a v4:2x2x2 has 16 devices, which a mesh over chips cannot use).
 _TOPOLOGY_OPTIONS = {"v4": {"chip_config_name": "megacore"}, "v5p": {},
                      "v5e": {}, "v6e": {}}
+# Chips per host (libtpu's default bounds): a smaller slice, such as one chip
+# (v5p:1x1x1), is described with its own shape as the host's (libtpu takes
+# three bounds).
+_HOST_BOUNDS = {"v4": (2, 2, 1), "v5p": (2, 2, 1), "v5e": (2, 2), "v6e": (2, 2)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,10 +143,14 @@ def target(topology: str | None) -> Target:
   # A compile-only client uses no TPU, so it need not take libtpu's
   # one-process lock (/tmp/libtpu_lockfile): plans run beside each other.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  options = dict(_TOPOLOGY_OPTIONS[chip])
+  dims, host = tuple(map(int, shape.split("x"))), _HOST_BOUNDS[chip]
+  if len(dims) == len(host) and any(d < h for d, h in zip(dims, host)):
+    bounds = tuple(map(min, dims, host))
+    options["chips_per_host_bounds"] = bounds + (1,) * (3 - len(bounds))
   try:
     devices = topologies.get_topology_desc(
-        topology_name=topology, platform="tpu",
-        **_TOPOLOGY_OPTIONS[chip]).devices
+        topology_name=topology, platform="tpu", **options).devices
   except jax.errors.JaxRuntimeError as e:
     reason = str(e).strip().splitlines()[0]
     raise PlanError(f"unknown topology {topology!r}: {reason}") from None
@@ -242,12 +250,13 @@ def run_shapes(config, video_tokens: int) -> Shapes:
 class Program:
   """A jitted function lowered at a run's shapes.
 
-  `lower` gets the abstract outputs (with shardings) of the programs before
-  it, by name: a decode step takes what its prefill returned.
+  `lower` gets the abstract outputs (with shardings) of the programs it
+  `needs`, by name: a decode step takes what its prefill returned.
   """
   name: str
   shape: str  # what it runs on, for the table
   lower: Callable[[dict[str, Any]], jax.stages.Lowered]
+  needs: tuple[str, ...] = ()
 
 
 def _placed(tree, shardings):
@@ -303,7 +312,8 @@ def sampling_programs(config, model: models.VideoLanguageModel, mesh,
     decode = Program(f"{stage} decode", shape + ", per token",
                      lambda done: sampler._decode.lower(
                          state, *done[prefill.name], scalar, uids, scalar,
-                         params=params, num_samples=num_samples))
+                         params=params, num_samples=num_samples),
+                     needs=(prefill.name,))
     return [prefill, decode]
 
   answer, context = config.sampling.answer, config.sampling.context
@@ -339,10 +349,13 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
                       dpo_steps: int) -> list[Program]:
   """The Trainer's programs: a training batch's video features, its reference
   log-probs and the DPO update (its micro-batches accumulated inside), and
-  `isr-dpo sft`'s features and update."""
+  `isr-dpo sft`'s features and update. Under LoRA the updates also take the
+  frozen model, and the iteration ends by merging the adapters into it."""
   trainer = train.Trainer(model, settings.dpo_train_config(config), mesh,
                           total_steps=dpo_steps)
   state = trainer.abstract_state()
+  params = _model_params(trainer, state)
+  base = () if trainer.base is None else (params,)
   batch_size, accum = config.train.batch_size, config.train.grad_accum_steps
   rows = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(
       shape, dtype, sharding=trainer.batch_sharding)
@@ -357,18 +370,26 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
                f"{shapes.dpo_response} tokens")
   out = [
       Program("train video features", f"{batch_size} videos",
-              lambda _: trainer.encode_video.lower(state.params,
-                                                   frames(batch_size))),
+              lambda _: trainer.encode_video.lower(params, frames(batch_size))),
       Program("reference log-probs", pair_rows,
               lambda done: trainer.pair_logps.lower(
-                  state.params, pairs, done["train video features"])),
+                  params, pairs, done["train video features"]),
+              needs=("train video features",)),
       Program("dpo update", f"{pair_rows}, {accum} micro-batches",
               lambda done: trainer.dpo_step.lower(
-                  state, pairs, done["train video features"], *reference)),
+                  state, pairs, done["train video features"], *reference,
+                  *base),
+              needs=("train video features",)),
   ]
+  if base:
+    out.append(Program("merge adapters", "once per iteration",
+                       lambda _: trainer.merge_adapters.lower(params,
+                                                              state.params)))
   sft_trainer = train.Trainer(model, settings.sft_train_config(config), mesh,
                               total_steps=1000)
   sft_state = sft_trainer.abstract_state()
+  sft_params = _model_params(sft_trainer, sft_state)
+  sft_base = () if sft_trainer.base is None else (sft_params,)
   sft_size = config.sft.batch_size
   examples = batching.SftBatch(
       *prompt(sft_size, shapes.sft_prompt),
@@ -376,14 +397,24 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
       rows(sft_size, shapes.sft_target, dtype=bool))
   out += [
       Program("sft video features", f"{sft_size} videos",
-              lambda _: sft_trainer.encode_video.lower(sft_state.params,
+              lambda _: sft_trainer.encode_video.lower(sft_params,
                                                        frames(sft_size))),
       Program("sft update", f"{sft_size} examples, {shapes.sft_prompt} + "
               f"{shapes.sft_target} tokens",
               lambda done: sft_trainer.sft_step.lower(
-                  sft_state, examples, done["sft video features"])),
+                  sft_state, examples, done["sft video features"],
+                  *sft_base),
+              needs=("sft video features",)),
   ]
   return out
+
+
+def _model_params(trainer: train.Trainer, state: train.TrainState):
+  """The model's parameters, placed: the trained ones, or under LoRA (where
+  the state holds adapters) the frozen model's."""
+  if trainer.base is None:
+    return state.params
+  return _placed(trainer.base, trainer.param_shardings)
 
 
 # ---------------------------------------------------------------------------
@@ -591,6 +622,9 @@ def iteration_estimate(config, rows: Sequence[Row], chip: Chip) -> str:
       ("dpo", dpo_steps, f"(features + {accum} micro-batches)",
        t["train video features"] + accum * t["dpo update"]),
   ]
+  if "merge adapters" in t:
+    stages_.append(("merge", 1, "(LoRA adapters into the model)",
+                    t["merge adapters"]))
   total = sum(n * seconds for _, n, _, seconds in stages_)
   source = ("" if config.data.prompts_per_iteration
             else " (data.prompts_per_iteration is 0: every prompt; per 1000)")
@@ -608,9 +642,24 @@ def iteration_estimate(config, rows: Sequence[Row], chip: Chip) -> str:
   return "\n".join(lines)
 
 
+def _with_needs(programs: Sequence[Program], names) -> list[Program]:
+  """The programs named and those whose outputs they take, in run order."""
+  unknown = set(names) - {p.name for p in programs}
+  if unknown:
+    raise PlanError(f"no program named {', '.join(sorted(unknown))}: the "
+                    f"run's are {', '.join(p.name for p in programs)}")
+  wanted = set(names)
+  for program in reversed(programs):
+    if program.name in wanted:
+      wanted.update(program.needs)
+  return [p for p in programs if p.name in wanted]
+
+
 def plan(config, topology: str | None, *, cache: pathlib.Path | None = None,
+         programs: Sequence[str] | None = None,
          log=lambda line: print(line, file=sys.stderr)) -> tuple[Target, list[Row]]:
-  """Compiles every program of a run of `config` for `topology`."""
+  """Compiles every program of a run of `config` for `topology` (or the
+  `programs` named, and those they take outputs from)."""
   where = target(topology)
   mesh = make_mesh(config, where)
   _check_batches(config, mesh)
@@ -620,9 +669,11 @@ def plan(config, topology: str | None, *, cache: pathlib.Path | None = None,
   shapes = run_shapes(config, model.video.num_tokens)
   dpo_steps = math.ceil(config.train.epochs * (config.data.prompts_per_iteration
                                                or 1000) / config.train.batch_size)
-  programs = (sampling_programs(config, model, mesh, shapes)
-              + training_programs(config, model, mesh, shapes, dpo_steps))
-  return where, analyse(programs, where, mesh, cache, log)
+  run = (sampling_programs(config, model, mesh, shapes)
+         + training_programs(config, model, mesh, shapes, dpo_steps))
+  if programs is not None:
+    run = _with_needs(run, programs)
+  return where, analyse(run, where, mesh, cache, log)
 
 
 def report(config, where: Target, rows: Sequence[Row]) -> str:
@@ -633,7 +684,10 @@ def report(config, where: Target, rows: Sequence[Row]) -> str:
     text.append(f"No roofline: {where.devices[0].device_kind} is not in the "
                 "chip table.")
   elif all(row.analysis is not None for row in rows):
-    text.append(iteration_estimate(config, rows, where.chip))
+    try:
+      text.append(iteration_estimate(config, rows, where.chip))
+    except KeyError as e:
+      text.append(f"No iteration estimate: {e.args[0]} was not planned.")
   return "\n".join(text)
 
 

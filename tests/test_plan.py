@@ -129,6 +129,37 @@ def test_the_report_estimates_an_iteration_from_the_rooflines(tiny_plan):
   assert "Left out:" in text
 
 
+@needs_libtpu
+def test_a_lora_plan_trains_adapters_on_the_frozen_model(tiny_plan):
+  _, where, full_rows, _ = tiny_plan
+  config = tiny_config()
+  config.train.lora.rank = 4
+  mesh = plan.make_mesh(config, where)
+  model = plan.abstract_model(config, plan.model_config(config)[0])
+  programs = plan.training_programs(
+      config, model, mesh, plan.run_shapes(config, model.video.num_tokens), 2)
+  rows = plan.analyse(programs, where, mesh, None, log=lambda _: None)
+  assert [r.program.name for r in rows] == [
+      "train video features", "reference log-probs", "dpo update",
+      "merge adapters", "sft video features", "sft update"]
+  assert all(r.analysis is not None for r in rows), rows
+  # The update's arguments: the model (frozen) and the adapters' AdamW state
+  # instead of the model's own, so fewer bytes than full fine-tuning's.
+  update = lambda rows_: next(r.analysis for r in rows_
+                              if r.program.name == "dpo update")
+  assert update(rows).arguments < update(full_rows).arguments
+  names = {r.program.name for r in rows}
+  sampling_rows = [r for r in full_rows if r.program.name not in names]
+  estimate = plan.iteration_estimate(config, sampling_rows + rows, where.chip)
+  assert "merge" in estimate
+
+
+@needs_libtpu
+def test_a_slice_smaller_than_a_host_is_one_chip():
+  where = plan.target("v5p:1x1x1")
+  assert [d.device_kind for d in where.devices] == ["TPU v5"]
+
+
 def test_the_7b_config_plans_the_longest_rows_its_loader_makes():
   config = conftest.load_config("video_llava_7b")
   model = plan.abstract_model(config, plan.model_config(config)[0])
