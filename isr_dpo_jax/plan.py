@@ -16,7 +16,8 @@ an estimate of one ISR-DPO iteration.
 Shapes are the largest a run meets, so that "fits" holds for every batch:
 prompts at the longest bucket that data.max_length admits, responses at
 max_new_tokens. XLA counts a loop's body once: the DPO and SFT updates' costs
-are one micro-batch (and the optimizer step), a decode's one token; the
+are one micro-batch (and the optimizer step), the reference log-probs' one
+micro-batch, a decode's one token; the
 estimate multiplies them by their trip counts.
 
 JAX cannot load a compile-only executable back from its persistent cache, so
@@ -371,7 +372,7 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
   out = [
       Program("train video features", f"{batch_size} videos",
               lambda _: trainer.encode_video.lower(params, frames(batch_size))),
-      Program("reference log-probs", pair_rows,
+      Program("reference log-probs", f"{pair_rows}, {accum} micro-batches",
               lambda done: trainer.pair_logps.lower(
                   params, pairs, done["train video features"]),
               needs=("train video features",)),
@@ -617,8 +618,9 @@ def iteration_estimate(config, rows: Sequence[Row], chip: Chip) -> str:
        f"(prefill + {s.context.max_new_tokens} decode steps)",
        generate("contexts", s.context.max_new_tokens)),
       ("judgments", batches(prompts, sampling_batch), *judging),
-      ("reference", batches(prompts, train_batch), "(features + log-probs)",
-       t["train video features"] + t["reference log-probs"]),
+      ("reference", batches(prompts, train_batch),
+       f"(features + {accum} micro-batches)",
+       t["train video features"] + accum * t["reference log-probs"]),
       ("dpo", dpo_steps, f"(features + {accum} micro-batches)",
        t["train video features"] + accum * t["dpo update"]),
   ]

@@ -200,6 +200,14 @@ def _microbatches(tree, num: int):
   return jax.tree.map(split, tree)
 
 
+def _map_microbatches(fn, inputs, num: int):
+  """`fn` over `_microbatches(inputs, num)`, one microbatch at a time (a loop,
+  so one microbatch's temporaries are live at once); its per-row outputs,
+  [B / num, ...] each, are put back in the rows' order: [B, ...]."""
+  out = jax.lax.map(fn, _microbatches(inputs, num))
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(-1, *x.shape[2:]), out)
+
+
 def _accumulate(grad_fn, params, inputs, num: int):
   """Sum of grad_fn(params, micro) -> (grads, metrics) over microbatches."""
   micro = _microbatches(inputs, num)
@@ -229,10 +237,11 @@ class Trainer:
   `state.params` are the adapters; the jitted steps then take the base as
   their last argument (its shapes, to lower them from abstract shapes).
 
-  `reference_logps` runs before training and its results are stored with the
-  pairs, so no reference model stays resident. For on-the-fly reference
-  log-probs, keep a frozen copy of the initial params on the mesh and pass it
-  as `dpo_update(..., reference_params=...)`. The jitted pieces
+  `reference_logps` runs before training, in the update's microbatches, and
+  its results are stored with the pairs, so no reference model stays
+  resident. For on-the-fly reference log-probs, keep a frozen copy of the
+  initial params on the mesh and pass it as
+  `dpo_update(..., reference_params=...)`. The jitted pieces
   (`encode_video`, `pair_logps`, `dpo_step`, `sft_step`, `merge_adapters`)
   take global arrays.
   """
@@ -392,8 +401,12 @@ class Trainer:
     return self.model(params).tower_features(videos_BxTxHxWx3)
 
   def _pair_logps(self, params, batch, feats_BxNxD):
-    return pair_logps(self.model(params), batch, feats_BxNxD,
-                      packed=self.config.packed)
+    """`pair_logps` in the update's microbatches (train.grad_accum_steps), so
+    that the reference pass holds no more activations than the update."""
+    return _map_microbatches(
+        lambda micro: pair_logps(self.model(params), *micro,
+                                 packed=self.config.packed),
+        (batch, feats_BxNxD), self.config.grad_accum_steps)
 
   def _merge_adapters(self, base, adapters):
     return lora_lib.merge(base, adapters, self.config.lora.scale)

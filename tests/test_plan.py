@@ -119,12 +119,15 @@ def test_the_report_estimates_an_iteration_from_the_rooflines(tiny_plan):
   text = plan.report(config, where, rows)
   seconds = {r.program.name: r.analysis.seconds(where.chip) for r in rows}
   total = re.search(r"rooflines: ([\d.]+) h", text)[1]
-  # 16 prompts, batches of 8 (sampling) and 8 pairs (training), 1 epoch.
+  # 16 prompts, batches of 8 (sampling) and 8 pairs (training), 1 epoch;
+  # the reference log-probs and the update loop over the micro-batches.
+  accum = config.train.grad_accum_steps
   want = (2 * (seconds["answers prefill"] + 12 * seconds["answers decode"])
           + 2 * (seconds["contexts prefill"] + 16 * seconds["contexts decode"])
           + 2 * seconds["judge score"]
-          + 2 * (seconds["train video features"] + seconds["reference log-probs"])
-          + 2 * (seconds["train video features"] + seconds["dpo update"]))
+          + 2 * (seconds["train video features"]
+                 + accum * seconds["reference log-probs"])
+          + 2 * (seconds["train video features"] + accum * seconds["dpo update"]))
   assert float(total) == pytest.approx(want / 3600, abs=0.006)
   assert "Left out:" in text
 

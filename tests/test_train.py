@@ -177,6 +177,26 @@ def test_reference_logps_match_transformers(single, torch_step):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_shape,accum", [({}, 4), ({}, 8),
+                                              ({"data": 2, "fsdp": 2, "tensor": 2}, 2)])
+def test_microbatched_reference_logps_equal_one_pass(setup, single, mesh_shape,
+                                                     accum):
+  """The reference pass in the update's microbatches gives each pair the
+  log-probs of the one-pass forward, in the batch's row order."""
+  one_pass = single["ref_logps"]
+  assert all(len(np.unique(x)) == len(x) for x in one_pass)  # a reorder shows
+  devices = None if mesh_shape else jax.devices()[:1]
+  mesh = parallel.make_mesh(mesh_shape, devices=devices)
+  model = models.load_pretrained(setup["paths"]["policy"], mesh=mesh)
+  trainer = train.Trainer(model, dataclasses.replace(CONFIG, grad_accum_steps=accum),
+                          mesh, total_steps=TOTAL_STEPS)
+  reference = models.load_pretrained(setup["paths"]["reference"], mesh=mesh)
+  got = trainer.reference_logps(nnx.to_pure_dict(nnx.state(reference)),
+                                setup["batch"], setup["frames"])
+  for got_logps, want_logps in zip(got, one_pass, strict=True):
+    tolerance.assert_close(got_logps, want_logps)
+
+
 def test_dpo_loss_and_metrics_match_torch(single, torch_step):
   tolerance.assert_metrics_close(single["metrics"], torch_step["metrics"])
   assert single["metrics"]["grad_norm"] > CONFIG.max_grad_norm  # clipping on
