@@ -66,6 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.sampling = dict(
       batch_size=8,
+      # Sampling batches per call of the answer and context stages: the
+      # engine's slots refill from them (continuous batching). A call is the
+      # unit of resume and holds its items' decoded videos.
+      batches_per_call=8,
       buckets=settings.BUCKETS,  # prompt text lengths (video tokens apart)
       answer=dict(temperature=1.0, top_k=0, top_p=0.95, max_new_tokens=256),
       context=dict(temperature=0.7, top_k=0, top_p=0.9, max_new_tokens=512),

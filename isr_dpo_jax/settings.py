@@ -278,6 +278,7 @@ CHECKS: list[tuple[str, Check]] = [
     ("data.prompts_per_iteration", COUNT),
     ("data.max_error_rate", SHARE),
     ("sampling.batch_size", POSITIVE_INT),
+    ("sampling.batches_per_call", POSITIVE_INT),
     ("sampling.buckets", INCREASING),
     *_sampling_checks("sampling.answer"),
     *_sampling_checks("sampling.context"),

@@ -5,10 +5,15 @@
   judgments  the judge's preference, both orders averaged     judgments.jsonl
   pairs      LLaVA-Hound DPO records + reference log-probs    pairs.jsonl
 
-Each stage walks its work in fixed batches, in a fixed order, and appends a
-record per item as each batch finishes. A restarted stage skips the batches
+Each stage walks its work in fixed calls, in a fixed order, and appends a
+record per item as each call finishes. A restarted stage skips the calls
 already written and reruns a partly written one whole (keeping what is there),
-so batch composition, and therefore every number, equals an uninterrupted run.
+so call composition, and therefore every number, equals an uninterrupted run.
+The generating stages (responses, contexts) hand the engine
+`sampling.batches_per_call` sampling batches per call, so that its slots
+refill as answers finish (continuous batching); a record's samples do not
+depend on that size, as they draw with keys from the record's id. The judge
+calls the model once per `self_judge.batch_size` items.
 Items that fail (a video that does not decode, a prompt too long for the
 model) go to the iteration's error log with the file, line and cause, and
 count as done. Once a stage has skipped more than `data.max_error_rate` of
@@ -186,10 +191,11 @@ def run_batches(summary: Summary, path, items: Sequence[dict], batch_size: int,
                 max_error_rate: float | None) -> list[dict]:
   """Appends `work(batch)` records for every fixed batch not yet written.
 
-  `work` runs on every process and returns the whole batch's records. The
-  stage's progress bar (items, and `summary.speed`), time and counts go to
-  `summary`. After each batch, the items skipped so far are held against
-  `max_error_rate`.
+  A batch (`batch_size` items, one call of `work`) is the unit of resume: one
+  partly written is rerun whole. `work` runs on every process and returns the
+  whole batch's records. The stage's progress bar (items, and
+  `summary.speed`), time and counts go to `summary`. After each batch, the
+  items skipped so far are held against `max_error_rate`.
   """
   clock = time.perf_counter()
   with _appender(path) as out:
@@ -247,6 +253,14 @@ def _usable(stage: str, batch: list[dict], questions_of: Callable[[dict], list[s
   return kept, questions, pixels, len(failed) < len(batch)
 
 
+def _per_call(cfg) -> int:
+  """Items per call of a generating stage's work: `sampling.batches_per_call`
+  sampling batches, which the engine's slots run through, refilling as
+  prompts finish. The call is the stage's unit of resume and of the error-rate
+  check, and holds that many items' decoded videos at once."""
+  return cfg.sampling.batch_size * cfg.sampling.batches_per_call
+
+
 def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
               path, errors: ErrorLog) -> tuple[list[dict], Summary]:
   """Stage 1a: y1, y2 ~ pi_t(. | V, x) for every prompt item."""
@@ -270,7 +284,7 @@ def responses(items: list[dict], policy: policy_lib.Policy, cfg, seed: int,
     summary.tokens += sum(sum(r["lengths"]) for r in out)
     return out
 
-  return run_batches(summary, path, items, cfg.sampling.batch_size, work, errors,
+  return run_batches(summary, path, items, _per_call(cfg), work, errors,
                      cfg.data.max_error_rate), summary
 
 
@@ -302,7 +316,7 @@ def contexts(videos: list[dict], previous: dict[str, str], policy: policy_lib.Po
     summary.tokens += sum(r["length"] for r in out)
     return out
 
-  return run_batches(summary, path, videos, cfg.sampling.batch_size, work, errors,
+  return run_batches(summary, path, videos, _per_call(cfg), work, errors,
                      cfg.data.max_error_rate), summary
 
 

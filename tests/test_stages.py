@@ -69,8 +69,9 @@ def read_jsonl(path):
   return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def config(max_error_rate: float):
-  return conftest.load_config("smoke", **{"data.max_error_rate": max_error_rate})
+def config(max_error_rate: float, **overrides):
+  return conftest.load_config("smoke", **{"data.max_error_rate": max_error_rate,
+                                          **overrides})
 
 
 def test_a_prompt_too_long_is_skipped_with_its_line(tmp_path):
@@ -104,10 +105,10 @@ def test_a_judge_prompt_too_long_is_skipped_with_its_line(tmp_path):
 def test_undecodable_videos_past_the_error_rate_stop_the_run(tmp_path):
   items = [prompt(i, video="bad.mp4" if i % 6 else "v.mp4") for i in range(12)]
   errors = stages.ErrorLog(tmp_path / "errors.jsonl")
-  with pytest.raises(records.TooManyBadRecords) as e:
-    stages.responses(items, FakePolicy(), config(0.05), 0,
-                     tmp_path / "responses.jsonl", errors)
-  message = str(e.value)  # after the first batch of 8 (smoke's sampling.batch_size)
+  with pytest.raises(records.TooManyBadRecords) as e:  # checked after each call
+    stages.responses(items, FakePolicy(), config(0.05, **{"sampling.batches_per_call": 1}),
+                     0, tmp_path / "responses.jsonl", errors)
+  message = str(e.value)  # after the first call: 8 items (smoke's sampling.batch_size)
   assert "\n" not in message
   assert message.startswith("responses: 6 of 12 items skipped (bad_video 6)")
   assert str(tmp_path / "errors.jsonl") in message
@@ -119,20 +120,26 @@ def test_undecodable_videos_past_the_error_rate_stop_the_run(tmp_path):
 
 
 def test_a_finished_stage_rerun_says_resumed_not_its_time(tmp_path):
-  items = [prompt(i) for i in range(12)]  # batches of 8 and 4
-  run = lambda: stages.responses(items, FakePolicy(), config(0.5), 0,
+  cfg = config(0.5)
+  per_call = cfg.sampling.batch_size * cfg.sampling.batches_per_call
+  items = [prompt(i) for i in range(per_call + 4)]  # calls of per_call and 4
+  run = lambda: stages.responses(items, FakePolicy(), cfg, 0,
                                  tmp_path / "responses.jsonl",
                                  stages.ErrorLog(tmp_path / "errors.jsonl"))
   first, summary = run()
   assert summary.resumed == 0 and summary.line().endswith("s")
   lines = (tmp_path / "responses.jsonl").read_text().splitlines(keepends=True)
-  (tmp_path / "responses.jsonl").write_text("".join(lines[:8]))  # killed in batch 2
+  (tmp_path / "responses.jsonl").write_text("".join(lines[:8]))  # killed in call 1
   again, summary = run()
-  assert again == first and summary.resumed == 8
-  assert ", 8 resumed, " in summary.line()
+  assert again == first and summary.resumed == 0  # the whole call rerun
+  (tmp_path / "responses.jsonl").write_text("".join(lines[:per_call + 2]))  # in call 2
+  again, summary = run()
+  assert again == first and summary.resumed == per_call
+  assert f", {per_call} resumed, " in summary.line()
   again, summary = run()
   assert again == first and summary.done_before() and summary.tokens == 0
-  assert summary.line() == "responses: 12 in, 12 out, dropped: none, resumed (done)"
+  assert summary.line() == (
+      f"responses: {len(items)} in, {len(items)} out, dropped: none, resumed (done)")
 
 
 @pytest.mark.parametrize("mode, kind", [("likelihood", "prompt"),
@@ -175,6 +182,54 @@ def smoke_fixture(tmp_path_factory):
                          file=str(setup.prompts), line=line))
     right_of[record["id"]] = right
   return setup, policy, answered, right_of
+
+
+# The generating stages on pi_0.
+
+
+def _generate(smoke, path, **overrides) -> dict[str, list[dict]]:
+  """The records of stages 1a and 1b: answers to smoke_fixture's prompts, and
+  contexts of all the world's videos, every other one revisiting an earlier
+  context."""
+  setup, policy, answered, _ = smoke
+  cfg = conftest.load_config("smoke", **overrides)
+  items = [{k: x[k] for k in ("id", "video", "question", "file", "line")}
+           for x in answered]
+  videos = [dict(id=v, video=v)
+            for v in sorted({x["video"] for x in read_jsonl(setup.prompts)})]
+  previous = {v["video"]: "A red square moves left." for v in videos[::2]}
+  errors = stages.ErrorLog(path / "errors.jsonl")
+  stages.responses(items, policy, cfg, 3, path / "responses.jsonl", errors)
+  stages.contexts(videos, previous, policy, cfg, 3, path / "contexts.jsonl", errors)
+  errors.close()
+  return {name: read_jsonl(path / f"{name}.jsonl") for name in ("responses", "contexts")}
+
+
+def test_generating_stages_records_do_not_depend_on_the_calls(smoke, tmp_path):
+  """Each stage's two sampling batches in one call (the engine's slots refill
+  from the second batch) or in one call each: the same records, key for key;
+  log-probs to float tolerance (a prompt may run at another padded width)."""
+  (tmp_path / "together").mkdir()
+  (tmp_path / "apart").mkdir()
+  together = _generate(smoke, tmp_path / "together")
+  apart = _generate(smoke, tmp_path / "apart", **{"sampling.batches_per_call": 1})
+  batch_size = conftest.load_config("smoke").sampling.batch_size
+  assert all(len(r) > batch_size for r in together.values())  # two batches each
+  for name in together:
+    for got, want in zip(together[name], apart[name], strict=True):
+      assert got.keys() == want.keys()
+      tolerance.assert_close(got.pop("logprobs", []), want.pop("logprobs", []))
+      assert got == want
+
+
+def test_a_generating_stage_killed_mid_call_resumes_to_the_same_records(smoke, tmp_path):
+  """A stage rerun after a kill reruns its last call whole: the records of an
+  uninterrupted run, bit for bit."""
+  first = _generate(smoke, tmp_path)
+  for name in first:
+    lines = (tmp_path / f"{name}.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / f"{name}.jsonl").write_text("".join(lines[:5]))
+  assert _generate(smoke, tmp_path) == first
 
 
 def _judge(smoke, mode: str, path, **overrides):
