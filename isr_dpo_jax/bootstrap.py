@@ -107,7 +107,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Setup:
     return Setup(given(config.model.checkpoint), given(config.data.prompts),
                  given(config.sft.data), given(config.data.video_root),
                  tuple(config.eval.test_sets))
-  world = write_world(config.world, workdir / "world")
+  world = write_world(config.world, config.world.get("dir") or workdir / "world")
   checkpoint = given(config.model.checkpoint) or init_checkpoint(
       config.world, world, workdir / "init", settings.prompts(config),
       config.model.family)

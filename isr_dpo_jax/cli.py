@@ -84,9 +84,10 @@ KNOBS = {
     ),
     "demo": (
         ("iterations", "ISR-DPO iterations of each arm"),
-        ("seed", "seeds the world, the models and the sampling"),
-        ("demo.mix_clips", "training clips of SFT stage 2's mix"),
-        ("sft.epochs", "SFT stage 2's epochs"),
+        ("seed", "seeds the loop (the world and pi_0 stay those of world.seed)"),
+        ("demo.pi0", "pi_0 of every arm; --stage=sft trains it"),
+        ("demo.loop_clips", "training clips whose questions the loop asks"),
+        ("data.prompts_per_iteration", "of those questions, per iteration"),
         ("self_judge.mode", "the loop's judge: likelihood, generative, ground_truth"),
         ("train.learning_rate", "DPO's learning rate"),
     ),
@@ -208,6 +209,10 @@ def _flags(command: str) -> flags.FlagValues:
   flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
   flags.DEFINE_bool("verbose", False, "tracebacks for user errors too "
                     "(or ISR_DPO_VERBOSE=1)", flag_values=fv)
+  if command == "demo":
+    flags.DEFINE_enum("stage", "loop", ["loop", "sft"],
+                      "loop: the arms from the shipped pi_0; sft: train that "
+                      "pi_0 (about 80 minutes on 2 cores)", flag_values=fv)
   if command == "plan":
     flags.DEFINE_string("topology", None, "the TPU slice to plan for, "
                         "<chip>:<shape> (e.g. v5p:2x2x2); default: this host's "
@@ -251,7 +256,8 @@ def parse(argv: list[str]) -> Invocation:
                            f"{command} --config=<file.py> --workdir=<dir>")
   config = _with_overrides(load_config(fv.config), overrides, argv[0])
   settings.validate(config, command)
-  options = {"topology": fv.topology} if command == "plan" else {}
+  options = ({"topology": fv.topology} if command == "plan" else
+             {"stage": fv.stage} if command == "demo" else {})
   return Invocation(command, config, fv.workdir, fv.coordinator,
                     fv.num_processes, fv.process_id, options)
 

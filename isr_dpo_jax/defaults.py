@@ -29,6 +29,7 @@ def world(**overrides) -> ml_collections.ConfigDict:
   (bootstrap.py, data/synthetic.py)."""
   config = ml_collections.ConfigDict(dict(
       seed=0,
+      dir="",  # where it is written; "": <workdir>/world
       num_videos=dict(train=32, test=16),
       num_frames=8,
       size=32,

@@ -162,3 +162,11 @@ def test_a_single_process_run_starts_without_noise(tmp_path):
                 "jax.distributed not started"):
     assert noise not in run.stderr, run.stderr[-3000:]
   assert "a real warning" in run.stderr
+
+
+def test_demo_stage_picks_the_loop_or_the_pi0_recipe(tmp_path, capsys):
+  base = ["isr-dpo", "demo", f"--workdir={tmp_path}"]
+  assert cli.parse(base).options == {"stage": "loop"}
+  assert cli.parse(base + ["--stage=sft"]).options == {"stage": "sft"}
+  err = _fails(["demo", f"--workdir={tmp_path}", "--stage=rlhf"], capsys)
+  assert "--stage" in err and "sft" in err

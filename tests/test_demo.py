@@ -1,4 +1,4 @@
-"""The built-in demo: a shortened run end to end, its SFT mix and its numbers."""
+"""The built-in demo: a shortened recipe and loop end to end, the SFT mix, the numbers."""
 import importlib.util
 import json
 import pathlib
@@ -9,6 +9,7 @@ import pytest
 import safetensors.numpy
 
 from isr_dpo_jax import demo
+from isr_dpo_jax import demo_report
 from isr_dpo_jax import judge
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import synthetic
@@ -22,95 +23,192 @@ def read_jsonl(path):
 
 
 def demo_config():
+  """The demo's loop, shortened: the shipped pi_0 on 16 questions of 3 clips."""
   spec = importlib.util.spec_from_file_location("demo_config", REPO / "configs" / "demo.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
   config.iterations = ITERATIONS
-  config.world.num_videos = dict(train=8, test=4)
-  config.world.model.update(hidden_size=32, intermediate_size=64, vision_hidden_size=16)
-  config.sft.update(batch_size=8, epochs=1)
-  config.data.prompts_per_iteration = 8
+  config.world.num_videos = dict(train=6, test=2)
+  config.demo.loop_clips = 3
+  config.data.prompts_per_iteration = 16
   config.sampling.batch_size = 8
-  config.sampling.context.max_new_tokens = 12
+  config.sampling.context.max_new_tokens = 24
+  config.self_judge.batch_size = 8
   config.eval.batch_size = 8
-  # A model this small writes no parsable verdict and prefers a letter:
-  # judge by letter likelihood and keep pairs on the average, so DPO runs.
+  # pi_0's written verdicts favour a position (docs/demo.md): judge by letter
+  # likelihood and keep pairs on the average, so that every arm trains.
   config.self_judge.update(mode="likelihood", threshold=0.5, require_agreement=False)
   config.train.update(batch_size=8, epochs=1)
   return config
 
 
+def recipe_config():
+  """The pi_0 recipe (`--stage=sft`), shortened: a tiny model, a step or so."""
+  config = demo_config()
+  config.demo.update(mix_clips=4, align=dict(epochs=3, learning_rate=3e-3))
+  config.world.model.update(hidden_size=32, intermediate_size=64, num_layers=1,
+                            vision_hidden_size=16, vision_layers=1, patch_size=16)
+  config.sft.update(batch_size=8, epochs=1)
+  return config
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
+  """Every arm from the shipped pi_0."""
   workdir = tmp_path_factory.mktemp("demo")
   return workdir, demo.run(demo_config(), workdir)
+
+
+@pytest.fixture(scope="module")
+def pi0(tmp_path_factory):
+  """The shortened recipe's workdir."""
+  workdir = tmp_path_factory.mktemp("pi0")
+  assert demo.train_pi0(recipe_config(), workdir) == workdir / "sft" / "model"
+  return workdir
 
 
 def test_summary_holds_every_field_for_every_arm_and_iteration(demo_run):
   workdir, summary = demo_run
   assert json.loads((workdir / "summary.json").read_text()) == summary
-  assert summary["sft"]["seconds"] > 0 and 0 <= summary["sft"]["accuracy"] <= 1
-  assert set(summary["arms"]) == set(demo.ARMS)
+  questions = read_jsonl(workdir / "world" / "test_qa.jsonl")
+  assert summary["questions"] == len(questions) and summary["seed"] == 0
+  assert summary["machine"] and 0 <= summary["sft"]["accuracy"] <= 1
+  assert summary["sft"]["answer_length"] > 0
+  assert list(summary["arms"]) == list(demo.ARMS)
   for arm in summary["arms"].values():
-    assert arm["sft"] == {k: summary["sft"][k] for k in ("accuracy", "answer_length")}
     assert arm["seconds"] > 0
-    assert [i["iteration"] for i in arm["iterations"]] == list(range(ITERATIONS))
+    assert [i["iteration"] for i in arm["iterations"]] == list(range(1, ITERATIONS + 1))
     for it in arm["iterations"]:
       assert 0 <= it["accuracy"] <= 1 and it["answer_length"] > 0
       assert 0 <= it["response_accuracy"] <= 1
-      assert it["judge_agreement"] is None or 0 <= it["judge_agreement"] <= 1
-      assert (it["judge_agreement"] is None) == (it["pairs_one_correct"] == 0)
+      if it["pairs_one_correct"]:
+        agreement = it["judge_agreement"]
+        assert agreement["n"] == it["pairs_one_correct"]
+        assert 0 <= agreement["value"] <= 1 and agreement["low"] <= agreement["value"]
+      else:
+        assert it["judge_agreement"] is None
       assert it["pairs_kept"] > 0
       assert set(it["seconds"]) == {"responses", "contexts", "judgments", "dpo"}
       assert it["seconds"]["dpo"] > 0
+      change = it["change"]
+      assert change["n"] == len(questions)
+      assert change["value"] == pytest.approx(it["accuracy"] - summary["sft"]["accuracy"])
+      assert change["low"] <= change["value"] <= change["high"]
+    pooled = [i for i in arm["iterations"] if i["pairs_one_correct"]]
+    agreement = arm["judge_agreement"]
+    if pooled:
+      assert agreement["n"] == sum(i["pairs_one_correct"] for i in pooled)
+      assert agreement["value"] == pytest.approx(sum(
+          i["judge_agreement"]["value"] * i["pairs_one_correct"] for i in pooled)
+          / agreement["n"])
+      assert agreement["low"] <= agreement["value"] <= agreement["high"]
+    else:
+      assert agreement is None
+
+
+def test_intervals_are_those_of_the_answers_on_disk(demo_run):
+  """The last change of each arm, recounted from the saved greedy answers."""
+  workdir, summary = demo_run
+  answers = {r["id"]: r["conversations"][1]["value"]
+             for r in read_jsonl(workdir / "world" / "test_qa.jsonl")}
+
+  def scores(eval_dir):
+    [path] = eval_dir.glob("*/predictions.jsonl")
+    return {r["id"]: synthetic.answer_is_correct(r["prediction"], answers[r["id"]])
+            for r in read_jsonl(path)}
+
+  for name, arm in summary["arms"].items():
+    before = scores(workdir / name / "iter_0" / "eval")
+    after = scores(workdir / name / f"iter_{ITERATIONS - 1}" / "eval_final")
+    gained = sum(after[i] and not before[i] for i in before)
+    lost = sum(before[i] and not after[i] for i in before)
+    n = len(before)
+    spread = 1.959963984540054 * np.sqrt(gained + lost - (gained - lost) ** 2 / n) / n
+    change = arm["iterations"][-1]["change"]
+    np.testing.assert_allclose(
+        [change["value"], change["low"], change["high"]],
+        [(gained - lost) / n, (gained - lost) / n - spread, (gained - lost) / n + spread])
+
+
+def test_positive_control_judges_by_the_truth(demo_run):
+  """Its kept pairs all hold one right and one wrong answer, the right one chosen."""
+  workdir, summary = demo_run
+  answers = {r["id"]: r["conversations"][1]["value"]
+             for r in read_jsonl(workdir / "loop_prompts.jsonl")}
+  arm = summary["arms"]["ground_truth_judge"]
+  for t in range(ITERATIONS):
+    for pair in read_jsonl(workdir / "ground_truth_judge" / f"iter_{t}" / "pairs.jsonl"):
+      assert synthetic.answer_is_correct(pair["chosen"], answers[pair["id"]])
+      assert not synthetic.answer_is_correct(pair["rejected"], answers[pair["id"]])
+  assert all(i["pairs_kept"] == i["pairs_one_correct"] for i in arm["iterations"])
+  assert arm["judge_agreement"] is None or arm["judge_agreement"]["value"] == 1
+
+
+def test_every_arm_starts_from_the_same_answers_of_pi0(demo_run):
+  workdir, _ = demo_run
+  first = {arm: read_jsonl(next((workdir / arm / "iter_0" / "eval").glob(
+      "*/predictions.jsonl"))) for arm in demo.ARMS}
+  assert all(answers == first["isr_dpo"] for answers in first.values())
+
+
+def test_loop_asks_every_question_of_its_clips_and_no_other(demo_run):
+  workdir, _ = demo_run
+  train = [c for c in read_jsonl(workdir / "world" / "ground_truth.jsonl")
+           if c["split"] == "train"]
+  clips = {c["video"] for c in train[-demo_config().demo.loop_clips:]}
+  prompts = read_jsonl(workdir / "loop_prompts.jsonl")
+  assert prompts == [r for r in read_jsonl(workdir / "world" / "train_qa.jsonl")
+                     if r["video"] in clips]
 
 
 def test_report_and_arms_follow_their_configs(demo_run):
   workdir, summary = demo_run
   report = (workdir / "report.md").read_text()
   assert (workdir / "report.png").stat().st_size > 0
-  assert demo.table(summary) in report
+  assert demo_report.table(summary) in report
   for arm in demo.ARMS:
-    assert f"| {arm} | {ITERATIONS - 1} |" in report
+    assert f"| {arm} | {ITERATIONS} |" in report
   contexts = {arm: read_jsonl(workdir / arm / "iter_1" / "contexts.jsonl")
               for arm in ("isr_dpo", "no_retrospection")}
   assert all(c["previous"] for c in contexts["isr_dpo"])
   assert not any(c["previous"] for c in contexts["no_retrospection"])
 
 
-def test_rerun_continues_from_the_finished_phases(demo_run):
+def test_rerun_continues_from_the_finished_phases(demo_run, pi0):
   workdir, summary = demo_run
-  stamp = (workdir / "sft" / "model" / "model.safetensors").stat().st_mtime
-  assert demo.run(demo_config(), workdir) == summary
-  assert (workdir / "sft" / "model" / "model.safetensors").stat().st_mtime == stamp
+  stamp = (pi0 / "sft" / "model" / "model.safetensors").stat().st_mtime
+  assert demo.train_pi0(recipe_config(), pi0) == pi0 / "sft" / "model"
+  assert (pi0 / "sft" / "model" / "model.safetensors").stat().st_mtime == stamp
+  rerun = demo.run(demo_config(), workdir)
+  assert {k: v for k, v in rerun.items() if k != "arms"} == {
+      k: v for k, v in summary.items() if k != "arms"}
+  assert ({a: arm["iterations"] for a, arm in rerun["arms"].items()}
+          == {a: arm["iterations"] for a, arm in summary["arms"].items()})
 
 
-def test_sft_stage_1_reads_captions_of_every_training_clip(demo_run):
-  workdir, _ = demo_run
-  train = [c for c in read_jsonl(workdir / "world" / "ground_truth.jsonl")
+def test_sft_stage_1_reads_captions_of_every_training_clip(pi0):
+  train = [c for c in read_jsonl(pi0 / "world" / "ground_truth.jsonl")
            if c["split"] == "train"]
   captions = [records.conversation_turns(r["conversations"])[0]
-              for r in read_jsonl(workdir / "align_data.jsonl")]
+              for r in read_jsonl(pi0 / "align_data.jsonl")]
   assert captions == [(f"<video>\n{synthetic.CAPTION_PROMPT}", c["caption"]) for c in train]
 
 
-def test_sft_keeps_the_random_tower_and_trains_the_rest(demo_run):
-  workdir, _ = demo_run
-  weights = {stage: safetensors.numpy.load_file(workdir / stage / "model.safetensors")
+def test_sft_keeps_the_random_tower_and_trains_the_rest(pi0):
+  weights = {stage: safetensors.numpy.load_file(pi0 / stage / "model.safetensors")
              for stage in ("init", "align/model", "sft/model")}
   for name, init in weights["init"].items():
     moved = [not np.array_equal(init, weights[s][name]) for s in ("align/model", "sft/model")]
     assert moved == ([False, False] if "tower" in name else [True, True]), name
 
 
-def test_sft_mix_teaches_judging_and_revision(demo_run):
-  workdir, _ = demo_run
+def test_sft_mix_teaches_judging_reading_and_revision(pi0):
   prompts = judge.Prompts()
-  mix = read_jsonl(workdir / "sft_data.jsonl")
+  mix = read_jsonl(pi0 / "sft_data.jsonl")
   turns = [records.conversation_turns(r["conversations"])[0] for r in mix]
-  train = [c for c in read_jsonl(workdir / "world" / "ground_truth.jsonl")
-           if c["split"] == "train"]
+  train = [c for c in read_jsonl(pi0 / "world" / "ground_truth.jsonl")
+           if c["split"] == "train"][:recipe_config().demo.mix_clips]
   assert {r["video"] for r in mix} == {c["video"] for c in train}
   asked = [q.removeprefix("<video>\n") for q, _ in turns]
   assert asked.count(prompts.first_context) == len(train)
@@ -118,6 +216,12 @@ def test_sft_mix_teaches_judging_and_revision(demo_run):
   assert verdicts and {judge.parse_verdict(v) for v in verdicts} == {"A", "B"}
   revisions = [q for q in asked if q.startswith("Here is a description")]
   assert revisions
+  # Judge examples shown another clip's video always show the description.
+  clip_of = lambda r: r["id"].rsplit("_sft", 1)[0]
+  foreign = [q for r, q in zip(mix, asked) if r["video"] != clip_of(r)]
+  assert foreign and all("Response A:" in q for q in foreign)
+  description = prompts.judge_context.split("{context}")[0]
+  assert all(description in q for q in foreign)
 
 
 def test_judge_example_verdict_checks_each_answer_then_names_the_true_one():
@@ -126,7 +230,8 @@ def test_judge_example_verdict_checks_each_answer_then_names_the_true_one():
   rng = np.random.default_rng(0)
   letters, shown = set(), set()
   for qa in clip.qa * 4:
-    question, verdict = demo.judge_example(record, qa, judge.Prompts(), 0.5, rng)
+    question, verdict = demo.judge_example(record, qa, judge.Prompts(),
+                                           bool(rng.random() < 0.5), rng)
     a = question.split("Response A: ")[1].split("\n")[0]
     b = question.split("Response B: ")[1].split("\n")[0]
     letter = judge.parse_verdict(verdict)
@@ -154,17 +259,19 @@ def test_corrupt_replaces_one_word_by_another_of_its_kind():
     assert after in synthetic.alternatives(before)
 
 
-def test_judge_agreement_counts_kept_pairs_with_one_correct_answer(tmp_path):
+def test_judge_agreement_is_the_preference_for_the_correct_answer(tmp_path):
   answers = {"a": "red", "b": "two", "c": "left", "d": "square"}
-  responses = [("a", ["It is red.", "It is blue."]),  # kept, chose right
-               ("b", ["There are 3.", "There are two."]),  # kept, chose wrong
-               ("c", ["It moves up.", "It moves down."]),  # both wrong
-               ("d", ["A square.", "A circle."])]  # dropped
-  winners = {"a": 0, "b": 0, "c": 1, "d": None}
+  responses = [("a", ["It is red.", "It is blue."]),  # y1 right, both orders chose it
+               ("b", ["There are 3.", "There are two."]),  # y2 right, both chose y1
+               ("c", ["It moves up.", "It moves down."]),  # both wrong: not counted
+               ("d", ["A square.", "A circle."])]  # y1 right, the orders disagree
+  p_y1 = {"a": 1.0, "b": 1.0, "c": 0.0, "d": 0.5}
   records.write_jsonl(tmp_path / "responses.jsonl",
                       [dict(id=i, responses=r) for i, r in responses])
   records.write_jsonl(tmp_path / "judgments.jsonl",
-                      [dict(id=i, winner=w) for i, w in winners.items()])
-  numbers = demo._judging(tmp_path, answers)
-  assert numbers == dict(response_accuracy=3 / 8, judge_agreement=0.5,
-                         pairs_one_correct=2)
+                      [dict(id=i, p_y1=p) for i, p in p_y1.items()])
+  scores = []
+  numbers = demo_report._judging(tmp_path, answers, scores)
+  assert scores == [1.0, 0.0, 0.5]
+  assert numbers["response_accuracy"] == 3 / 8 and numbers["pairs_one_correct"] == 3
+  assert numbers["judge_agreement"]["value"] == 0.5 and numbers["judge_agreement"]["n"] == 3

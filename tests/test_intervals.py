@@ -59,3 +59,22 @@ def test_paired_difference_is_narrower_than_independent_samples():
 def test_paired_difference_needs_the_same_questions():
   with pytest.raises(ValueError, match="equally many"):
     intervals.paired_difference([True, False], [True])
+
+
+def test_mean_is_the_normal_interval_and_matches_a_bootstrap():
+  """Judge scores as in the demo (0, 0.5 or 1 per pair, 300 pairs): the closed
+  form against scipy's normal interval and 20,000 bootstrap resamples."""
+  rng = np.random.default_rng(1)
+  scores = rng.choice([0.0, 0.5, 1.0], size=300, p=[0.2, 0.5, 0.3])
+  estimate = intervals.mean(scores.tolist())
+  reference = stats.norm.interval(0.95, loc=scores.mean(), scale=stats.sem(scores))
+  assert estimate.n == 300 and estimate.value == pytest.approx(scores.mean(), rel=1e-12)
+  np.testing.assert_allclose([estimate.low, estimate.high], reference, rtol=1e-9)
+  means = rng.choice(scores, size=(20_000, 300)).mean(axis=1)
+  np.testing.assert_allclose([estimate.low, estimate.high],
+                             np.percentile(means, [2.5, 97.5]), atol=0.006)
+
+
+def test_mean_of_nothing_is_none_and_of_one_value_has_no_spread():
+  assert intervals.mean([]) is None
+  assert intervals.mean([0.5]) == intervals.Estimate(0.5, 0.5, 0.5, 1)
