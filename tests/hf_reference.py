@@ -1,5 +1,6 @@
 """Tiny random transformers VideoLlava models and inputs for the model tests."""
 import numpy as np
+import tokenizers
 import torch
 import transformers
 
@@ -30,6 +31,13 @@ def tiny_model(seed: int = 0, **config_kwargs) -> transformers.VideoLlavaForCond
   torch.manual_seed(seed)
   model = transformers.VideoLlavaForConditionalGeneration(tiny_config(**config_kwargs))
   return model.eval()
+
+
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+  """A tokenizer of the tiny models' vocabulary: id i is the word "w<i>", 0 pads."""
+  vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, VOCAB)}}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
 
 
 def videos(batch: int, seed: int = 0) -> np.ndarray:

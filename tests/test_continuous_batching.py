@@ -3,9 +3,7 @@ are what it gets generated alone."""
 import hf_reference as ref
 import numpy as np
 import pytest
-import tokenizers
 import tolerance
-import transformers
 
 from isr_dpo_jax import generate
 from isr_dpo_jax import models
@@ -31,10 +29,7 @@ def sampler(model):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-  vocab = {"<pad>": 0, **{f"w{i}": i for i in range(1, ref.VOCAB)}}
-  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
-  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok,
-                                              pad_token="<pad>")
+  return ref.word_tokenizer()
 
 
 def _prompts(sampler, text_lengths, seed):

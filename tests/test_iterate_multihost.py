@@ -48,9 +48,11 @@ def artifact(workdir, name):
 def write_prompts(tmp_path, workdirs):
   """9 questions on several videos, then one on a video that does not decode.
 
-  Batches of 8 split 4 + 4 over the processes: the second batch of answers
-  is (good, corrupt), that of judgments one item, so process 1 has no row
-  there and runs dummy rows alongside process 0.
+  The answers' one call of 10 (sampling.batches_per_call) splits 5 + 5 over
+  the processes: process 0 refills a slot of its 4 with its fifth prompt
+  while process 1 (4 good, the corrupt one) has none and inserts dummy rows.
+  The judgments' batches of 8 split 4 + 4: the second is one item, so process
+  1 has no row there and runs dummy rows alongside process 0.
   """
   config = smoke_config()
   for workdir in workdirs:
