@@ -50,7 +50,7 @@ from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import video as video_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
-PARTS = {"generate": ["contexts prefill", "contexts decode"],
+PARTS = {"generate": ["contexts slots", "contexts prefill", "contexts decode"],
          "dpo lora": ["train video features", "dpo update"],
          "dpo full": ["train video features", "dpo update"]}
 TEXT_TOKENS = 128  # a prompt's text beside its video

@@ -286,9 +286,10 @@ def _with_stops(params: sampling.SamplingParams, video: models.VideoInput
 def sampling_programs(config, model: models.VideoLanguageModel, mesh,
                       shapes: Shapes) -> list[Program]:
   """The Sampler's programs of each stage at the sampling batch and the
-  longest prompt: answers (2 samples a prompt), contexts, the judge (a pair's
-  two orders continue their shared start: one scoring pass, or generated
-  verdicts) and the evaluation's greedy answers."""
+  longest prompt: answers (2 samples a prompt), contexts and the evaluation's
+  greedy answers with continuous batching (their slots, a whole batch
+  inserted, a decode step), and the judge (a pair's two orders continue their
+  shared start: one scoring pass, or generated verdicts in static batches)."""
   sampler = sampling.Sampler(model, mesh)
   state = _placed(sampler.state, parallel.state_shardings(sampler.state, mesh))
   rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
@@ -301,12 +302,35 @@ def sampling_programs(config, model: models.VideoLanguageModel, mesh,
   orders = tokens(2 * batch, shapes.suffix)
   scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   uids = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows)
+  slot_of = uids  # each prompt's slot, as Slots.insert gives it
+  drain = jax.ShapeDtypeStruct((), bool, sharding=replicated)
 
-  def generation(stage, params, num_samples, suffixes=()):
+  def streamed(stage, params, num_samples):
+    """generate._continuous's programs: sampling.Slots' empty slots, an insert
+    of a whole batch (the stage's prefill) and a step of its decode loop."""
     params = _with_stops(params, model.video)
-    own = f" + {suffixes[0].shape[1]}" if suffixes else ""
-    shape = (f"{batch} prompts x {num_samples}, {length}{own} + "
+    shape = (f"{batch} slots x {num_samples}, {length} + "
              f"{params.max_new_tokens} tokens")
+    slots = Program(f"{stage} slots", shape, lambda _: sampler._empty.lower(
+        state, *tokens(batch, length), None, num_samples=num_samples,
+        max_new_tokens=params.max_new_tokens))
+    insert = Program(f"{stage} prefill", f"{batch} prompts into {shape}",
+                     lambda done: sampler._insert.lower(
+                         state, done[slots.name], *prompts, slot_of, scalar,
+                         uids, params=params, num_samples=num_samples),
+                     needs=(slots.name,))
+    decode = Program(f"{stage} decode", shape + ", per token",
+                     lambda done: sampler._resume.lower(
+                         state, done[insert.name], drain, params=params,
+                         num_samples=num_samples),
+                     needs=(insert.name,))
+    return [slots, insert, decode]
+
+  def static(stage, params, num_samples, suffixes):
+    """generate._static's programs (a judge's orders): prefill, a decode step."""
+    params = _with_stops(params, model.video)
+    shape = (f"{batch} prompts x {num_samples}, {length} + "
+             f"{suffixes[0].shape[1]} + {params.max_new_tokens} tokens")
     prefill = Program(f"{stage} prefill", shape, lambda _: sampler._prefill.lower(
         state, *prompts, *suffixes, num_samples=num_samples,
         max_new_tokens=params.max_new_tokens))
@@ -319,17 +343,16 @@ def sampling_programs(config, model: models.VideoLanguageModel, mesh,
 
   answer, context = config.sampling.answer, config.sampling.context
   greedy = lambda n: sampling.SamplingParams(temperature=0.0, max_new_tokens=n)
-  out = generation("answers", settings.sampling_params(answer), 2)
-  out += generation("contexts", settings.sampling_params(context), 1)
+  out = streamed("answers", settings.sampling_params(answer), 2)
+  out += streamed("contexts", settings.sampling_params(context), 1)
   if config.self_judge.mode == "generative":
-    out += generation("judge", greedy(config.self_judge.max_new_tokens), 2,
-                      orders)
+    out += static("judge", greedy(config.self_judge.max_new_tokens), 2, orders)
   else:
     out.append(Program("judge score", f"{batch} pairs, {length} + 2 x "
                        f"{shapes.suffix} tokens",
                        lambda _: sampler._score.lower(state, *prompts, *orders)))
   if config.eval.enabled:
-    out += generation("eval", greedy(answer.max_new_tokens), 1)
+    out += streamed("eval", greedy(answer.max_new_tokens), 1)
   return out
 
 

@@ -21,8 +21,9 @@ from isr_dpo_jax import train
 from isr_dpo_jax.data import batching
 
 TOPOLOGY = "v5e:2x2"  # 4 chips, one host
-PROGRAMS = ["answers prefill", "answers decode", "contexts prefill",
-            "contexts decode", "judge score", "train video features",
+PROGRAMS = ["answers slots", "answers prefill", "answers decode",
+            "contexts slots", "contexts prefill", "contexts decode",
+            "judge score", "train video features",
             "reference log-probs", "dpo update", "sft video features",
             "sft update"]
 needs_libtpu = pytest.mark.skipif(
