@@ -42,9 +42,9 @@ def get_config():
   config.data.prompts_per_iteration = 0  # every question of the loop's clips
   # Step-by-step written verdicts (demo.py says why), parsed for their letter.
   config.self_judge.update(mode="generative", max_new_tokens=16, threshold=0.6)
-  # DPO plus the chosen answers' cross-entropy (gamma 1): at this scale the
-  # probes (docs/2026-11-26-demo-probes.md) gained most with it, at lr 3e-4.
+  # DPO plus the chosen answers' cross-entropy (gamma 1), at lr 1e-3: the
+  # positive control gained most so (docs/2026-12-03-demo-pi0.md).
   config.dpo.gamma = 1.0
-  config.train.update(batch_size=16, epochs=2, learning_rate=3e-4)
+  config.train.update(batch_size=16, epochs=2, learning_rate=1e-3)
   config.eval.batch_size = 64
   return config
