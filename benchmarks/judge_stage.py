@@ -41,7 +41,7 @@ from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
 from isr_dpo_jax import settings
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 
 DEMO = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
@@ -71,7 +71,7 @@ def demo_pairs(setup: bootstrap.Setup, policy: policy_lib.Policy, config, *,
     clip = clips[i % len(clips)]
     qa = clip["qa"][rng.integers(len(clip["qa"]))]
     right = qa["response"]
-    wrong = right.replace(qa["answer"], synthetic.alternatives(qa["answer"])[0])
+    wrong = right.replace(qa["answer"], scenes.alternatives(qa["answer"])[0])
     y1, y2 = ((right, right) if rng.random() < identical_share else
               (right, wrong) if rng.random() < 0.5 else (wrong, right))
     context = " ".join(clip["description"].split()[:context_words])

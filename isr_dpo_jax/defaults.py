@@ -26,7 +26,7 @@ from isr_dpo_jax import settings
 
 def world(**overrides) -> ml_collections.ConfigDict:
   """The built-in synthetic video world and the tiny model trained on it
-  (bootstrap.py, data/synthetic.py)."""
+  (isr_dpo_jax/world/)."""
   config = ml_collections.ConfigDict(dict(
       seed=0,
       dir="",  # where it is written; "": <workdir>/world

@@ -51,23 +51,20 @@ Reruns continue where a killed run stopped (every phase resumes).
 import json
 import logging
 import pathlib
-import re
 import shutil
 import time
 
 import ml_collections
-import numpy as np
 import tqdm
 
 from isr_dpo_jax import bootstrap
 from isr_dpo_jax import demo_report
 from isr_dpo_jax import errors
 from isr_dpo_jax import iterate
-from isr_dpo_jax import judge
 from isr_dpo_jax import settings
 from isr_dpo_jax import sft
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import sft_data
 
 # Arm name -> config overrides, all from pi_0: ISR-DPO, the paper's two
 # ablations, and the positive control (the same pairs, DPO and evaluation;
@@ -118,7 +115,7 @@ def write_loop_prompts(world: bootstrap.Setup, num_clips: int,
   """The loop's prompts: every question about the last `num_clips` training
   clips, which SFT stage 2 did not see. The same videos every iteration, so
   that each context revisits the last one (self-retrospection)."""
-  clips = {c["video"] for c in _training_clips(world.ground_truth)[-num_clips:]}
+  clips = {c["video"] for c in sft_data.training_clips(world.ground_truth)[-num_clips:]}
   records.write_jsonl(path, [r for r in records.load_jsonl(world.prompts)
                              if r["video"] in clips])
   return path
@@ -146,12 +143,12 @@ def train_pi0(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:
   with _Phases(workdir, ["align", "sft"]) as phases:
     for phase in phases:
       if phase == "align":
-        captions = write_captions(ground_truth, workdir / "align_data.jsonl")
+        captions = sft_data.write_captions(ground_truth, workdir / "align_data.jsonl")
         sft.run(sft_config(config, world, captions, world.init_checkpoint,
                            config.demo.align), workdir / "align")
       else:
-        mix = write_sft_mix(ground_truth, settings.prompts(config),
-                            config.demo, config.seed, workdir / "sft_data.jsonl")
+        mix = sft_data.write_sft_mix(ground_truth, settings.prompts(config), config.demo,
+                                     config.seed, workdir / "sft_data.jsonl")
         sft.run(sft_config(config, world, mix, workdir / "align" / "model"),
                 workdir / "sft")
   return workdir / "sft" / "model"
@@ -182,87 +179,6 @@ class _Phases:
 
   def __exit__(self, *exc):
     self.bar.close()
-
-
-# The SFT data.
-
-
-def _record(clip: dict, question: str, answer: str, index: int,
-            video: str | None = None) -> dict:
-  return {"id": f"{clip['id']}_sft{index}", "video": video or clip["video"],
-          "conversations": synthetic.turns(question, answer)}
-
-
-def _training_clips(ground_truth: pathlib.Path, limit: int | None = None) -> list[dict]:
-  clips = [c for c in records.load_jsonl(ground_truth) if c["split"] == "train"]
-  return clips[:limit]
-
-
-def write_captions(ground_truth: pathlib.Path, path: pathlib.Path) -> pathlib.Path:
-  """Stage 1's data: one caption record per training clip."""
-  clips = _training_clips(ground_truth)
-  records.write_jsonl(path, [_record(c, synthetic.CAPTION_PROMPT, c["caption"], i)
-                             for i, c in enumerate(clips)])
-  return path
-
-
-def write_sft_mix(ground_truth: pathlib.Path, prompts: judge.Prompts, cfg,
-                  seed: int, path: pathlib.Path) -> pathlib.Path:
-  """Stage 2's instruction records, on the first `cfg.mix_clips` training
-  clips (see the module doc)."""
-  rng = np.random.default_rng(seed)
-  clips = _training_clips(ground_truth, cfg.mix_clips)
-  out = []
-
-  def add(clip, question, answer, video=None):
-    out.append(_record(clip, question, answer, len(out), video))
-
-  for clip in clips:
-    add(clip, prompts.first_context, clip["description"])
-    if rng.random() < cfg.revision_share:
-      add(clip, judge.context_question(prompts, corrupt(clip["description"], rng)),
-          clip["description"])
-    for qa in clip["qa"]:
-      if rng.random() < cfg.qa_share:
-        add(clip, qa["question"], qa["response"])
-      if rng.random() < cfg.judge_share:
-        shows_context = rng.random() < cfg.judge_context_share
-        # Shown another clip's video, only the description answers: the
-        # judge has to read it (the true video lets it look instead).
-        foreign = shows_context and rng.random() < cfg.judge_foreign_video_share
-        add(clip, *judge_example(clip, qa, prompts, shows_context, rng),
-            clips[rng.integers(len(clips))]["video"] if foreign else None)
-  records.write_jsonl(path, out)
-  return path
-
-
-def corrupt(text: str, rng: np.random.Generator) -> str:
-  """`text` with one world word (colour, shape, count, ...) replaced by another."""
-  spots = [m for m in re.finditer(r"[a-z]+", text) if synthetic.alternatives(m[0])]
-  spot = spots[rng.integers(len(spots))]
-  wrong = rng.choice(synthetic.alternatives(spot[0]))
-  return text[:spot.start()] + wrong + text[spot.end():]
-
-
-def judge_example(clip: dict, qa: dict, prompts: judge.Prompts, shows_context: bool,
-                  rng: np.random.Generator) -> tuple[str, str]:
-  """A judge question between the true response and a wrong one, and its
-  step-by-step verdict (see the module doc)."""
-  wrong_word = str(rng.choice(synthetic.alternatives(qa["answer"])))
-  wrong = re.sub(rf"\b{qa['answer']}\b", wrong_word, qa["response"])
-  context = clip["description"] if shows_context else None
-  true_first = bool(rng.random() < 0.5)
-  a, b = (qa["response"], wrong) if true_first else (wrong, qa["response"])
-  words = (qa["answer"], wrong_word) if true_first else (wrong_word, qa["answer"])
-  return (judge.judge_question(prompts, qa["question"], a, b, context),
-          verdict(clip["description"], *words, "A" if true_first else "B"))
-
-
-def verdict(description: str, word_a: str, word_b: str, letter: str) -> str:
-  """"red: yes. blue: no. Answer A": whether the description shows each
-  response's answer word, then the true response's letter."""
-  shown = lambda word: "yes" if synthetic.mentions(description.lower(), word) else "no"
-  return f"{word_a}: {shown(word_a)}. {word_b}: {shown(word_b)}. Answer {letter}"
 
 
 # Configs of the phases.

@@ -1,7 +1,7 @@
 """The demo's numbers: summary.json, the terminal table, report.md and report.png.
 
 Accuracy is exact match of greedy answers on the held-out questions, scored
-by the world's rule (synthetic.answer_is_correct). Every arm starts from the
+by the world's rule (scenes.answer_is_correct). Every arm starts from the
 same pi_0, so an arm's change against SFT is a paired comparison on the same
 questions, given with its 95% interval (intervals.paired_difference). Judge
 agreement: over an iteration's judged pairs where exactly one of the two
@@ -21,7 +21,7 @@ import numpy as np
 from isr_dpo_jax import intervals
 from isr_dpo_jax import metrics as metrics_lib
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # noqa: E402
@@ -68,7 +68,7 @@ def _answers(path) -> dict[str, str]:
 def _correct(eval_dir: pathlib.Path, answers: dict[str, str]) -> dict[str, bool]:
   """Question id -> whether the greedy answer in eval_dir is right."""
   [predictions] = eval_dir.glob("*/predictions.jsonl")
-  return {r["id"]: synthetic.answer_is_correct(r["prediction"], answers[r["id"]])
+  return {r["id"]: scenes.answer_is_correct(r["prediction"], answers[r["id"]])
           for r in records.load_jsonl(predictions)}
 
 
@@ -82,7 +82,7 @@ def _judging(it_dir: pathlib.Path, answers: dict[str, str], scores: list[float])
   """The sampled answers' accuracy, and the judge's agreement on the pairs
   with one correct answer; appends its scores of those pairs to `scores`."""
   responses = {r["id"]: r for r in records.load_jsonl(it_dir / "responses.jsonl")}
-  correct = {i: [synthetic.answer_is_correct(y, answers[i]) for y in r["responses"]]
+  correct = {i: [scenes.answer_is_correct(y, answers[i]) for y in r["responses"]]
              for i, r in responses.items()}
   found = [j["p_y1"] if correct[j["id"]][0] else 1 - j["p_y1"]
            for j in records.load_jsonl(it_dir / "judgments.jsonl")

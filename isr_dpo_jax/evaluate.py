@@ -32,7 +32,7 @@ from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
 from isr_dpo_jax import settings
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 from isr_dpo_jax.data import video as video_lib
 from isr_dpo_jax.eval import judge_client
 from isr_dpo_jax.eval import protocols
@@ -117,7 +117,7 @@ def evaluate_policy(policy: policy_lib.Policy, config: config_dict.ConfigDict,
   eval_config = config_dict.ConfigDict(config.eval)
   eval_config.test_sets = list(test_sets)
   checker = (scoring.keyword_match if config.get("world") is None
-             else synthetic.answer_is_correct)
+             else scenes.answer_is_correct)
   rows = evaluate(eval_config, workdir, answer_fn, judge=judge, checker=checker,
                   tokenizer=policy.tokenizer)
   return [dataclasses.asdict(row) for row in rows]

@@ -29,7 +29,7 @@ from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
 from isr_dpo_jax import settings
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +168,7 @@ class GroundTruth:
   """The synthetic world's answers as the judge: the positive control.
 
   Prefers the response that gives the question's answer by the world's rule
-  (synthetic.answer_is_correct, as evaluation scores answers); a pair where
+  (scenes.answer_is_correct, as evaluation scores answers); a pair where
   both or neither do gets no verdict. The pairs, DPO and evaluation are the
   self-judge's; only the verdicts differ, so a loop that does not improve
   under this judge has a fault in its machinery, not in its judge. It exists
@@ -186,7 +186,7 @@ class GroundTruth:
     p_y1, no_verdict, evidence = [], [], []
     for pair in pairs:
       answer = self.answers.get((pair.video, pair.question))
-      correct = [answer is not None and synthetic.answer_is_correct(y, answer)
+      correct = [answer is not None and scenes.answer_is_correct(y, answer)
                  for y in pair.responses]
       p_y1.append(0.5 if correct[0] == correct[1] else float(correct[0]))
       no_verdict.append(NO_GROUND_TRUTH if answer is None else

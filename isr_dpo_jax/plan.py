@@ -44,7 +44,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
-from isr_dpo_jax import bootstrap
 from isr_dpo_jax import errors
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
@@ -54,6 +53,7 @@ from isr_dpo_jax import train
 from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.models import checkpoints
+from isr_dpo_jax.world import build
 
 GiB = 2**30
 FITS = 0.9  # the share of HBM a program may plan to use
@@ -186,7 +186,7 @@ def model_config(config) -> tuple[Any, str]:
             f"{checkpoint}/config.json")
   if config.get("world") is not None:
     vocab = config.world.vocab_size
-    return (bootstrap.tiny_model_config(config.world, vocab, vocab - 1, family),
+    return (build.tiny_model_config(config.world, vocab, vocab - 1, family),
             "the synthetic world's tiny model")
   return models.registry.get(family).config(), (
       f"{family}'s default architecture ({checkpoint or 'no checkpoint'} is "

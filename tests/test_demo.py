@@ -12,7 +12,8 @@ from isr_dpo_jax import demo
 from isr_dpo_jax import demo_report
 from isr_dpo_jax import judge
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
+from isr_dpo_jax.world import sft_data
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ITERATIONS = 2
@@ -115,7 +116,7 @@ def test_intervals_are_those_of_the_answers_on_disk(demo_run):
 
   def scores(eval_dir):
     [path] = eval_dir.glob("*/predictions.jsonl")
-    return {r["id"]: synthetic.answer_is_correct(r["prediction"], answers[r["id"]])
+    return {r["id"]: scenes.answer_is_correct(r["prediction"], answers[r["id"]])
             for r in read_jsonl(path)}
 
   for name, arm in summary["arms"].items():
@@ -139,8 +140,8 @@ def test_positive_control_judges_by_the_truth(demo_run):
   arm = summary["arms"]["ground_truth_judge"]
   for t in range(ITERATIONS):
     for pair in read_jsonl(workdir / "ground_truth_judge" / f"iter_{t}" / "pairs.jsonl"):
-      assert synthetic.answer_is_correct(pair["chosen"], answers[pair["id"]])
-      assert not synthetic.answer_is_correct(pair["rejected"], answers[pair["id"]])
+      assert scenes.answer_is_correct(pair["chosen"], answers[pair["id"]])
+      assert not scenes.answer_is_correct(pair["rejected"], answers[pair["id"]])
   assert all(i["pairs_kept"] == i["pairs_one_correct"] for i in arm["iterations"])
   assert arm["judge_agreement"] is None or arm["judge_agreement"]["value"] == 1
 
@@ -192,7 +193,7 @@ def test_sft_stage_1_reads_captions_of_every_training_clip(pi0):
            if c["split"] == "train"]
   captions = [records.conversation_turns(r["conversations"])[0]
               for r in read_jsonl(pi0 / "align_data.jsonl")]
-  assert captions == [(f"<video>\n{synthetic.CAPTION_PROMPT}", c["caption"]) for c in train]
+  assert captions == [(f"<video>\n{scenes.CAPTION_PROMPT}", c["caption"]) for c in train]
 
 
 def test_sft_keeps_the_random_tower_and_trains_the_rest(pi0):
@@ -225,22 +226,22 @@ def test_sft_mix_teaches_judging_reading_and_revision(pi0):
 
 
 def test_judge_example_verdict_checks_each_answer_then_names_the_true_one():
-  clip = synthetic.make_clip("train_00003")
+  clip = scenes.make_clip("train_00003")
   record = dict(description=clip.description)
   rng = np.random.default_rng(0)
   letters, shown = set(), set()
   for qa in clip.qa * 4:
-    question, verdict = demo.judge_example(record, qa, judge.Prompts(),
-                                           bool(rng.random() < 0.5), rng)
+    question, verdict = sft_data.judge_example(record, qa, judge.Prompts(),
+                                               bool(rng.random() < 0.5), rng)
     a = question.split("Response A: ")[1].split("\n")[0]
     b = question.split("Response B: ")[1].split("\n")[0]
     letter = judge.parse_verdict(verdict)
     chosen, other = (a, b) if letter == "A" else (b, a)
     assert chosen == qa["response"]
-    assert not synthetic.answer_is_correct(other, qa["answer"])
+    assert not scenes.answer_is_correct(other, qa["answer"])
     (word_a, seen_a), (word_b, seen_b) = (
         part.split(": ") for part in verdict.split(". ")[:2])
-    assert synthetic.answer_is_correct(a, word_a) and synthetic.answer_is_correct(b, word_b)
+    assert scenes.answer_is_correct(a, word_a) and scenes.answer_is_correct(b, word_b)
     for word, seen in ((word_a, seen_a), (word_b, seen_b)):
       assert seen == ("yes" if re.search(rf"\b{word}\b", clip.description.lower()) else "no")
       shown.add(seen)
@@ -249,14 +250,14 @@ def test_judge_example_verdict_checks_each_answer_then_names_the_true_one():
 
 
 def test_corrupt_replaces_one_word_by_another_of_its_kind():
-  text = synthetic.make_clip("train_00001").description
+  text = scenes.make_clip("train_00001").description
   rng = np.random.default_rng(1)
   for _ in range(20):
-    wrong = demo.corrupt(text, rng)
+    wrong = sft_data.corrupt(text, rng)
     changed = [(x, y) for x, y in zip(text.split(), wrong.split()) if x != y]
     assert len(changed) == 1
     before, after = (w.strip(".,:") for w in changed[0])
-    assert after in synthetic.alternatives(before)
+    assert after in scenes.alternatives(before)
 
 
 def test_judge_agreement_is_the_preference_for_the_correct_answer(tmp_path):

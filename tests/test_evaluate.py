@@ -16,7 +16,7 @@ import pytest
 from isr_dpo_jax import defaults
 from isr_dpo_jax import evaluate
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 COLORS = ("red", "green", "blue")
@@ -151,7 +151,7 @@ def test_command_line_picks_the_protocol_and_the_test_sets():
 
 
 def test_synthetic_world_split_scored_by_its_checker(tmp_path):
-  paths = synthetic.write_world(tmp_path / "world", {"test": 3}, size=16)
+  paths = scenes.write_world(tmp_path / "world", {"test": 3}, size=16)
   config = defaults.get_config().eval
   config.update(test_sets=[str(paths["test_qa"])], scoring="match")
 
@@ -160,7 +160,7 @@ def test_synthetic_world_split_scored_by_its_checker(tmp_path):
             else "I do not know." for r in records]
 
   (row,) = evaluate.evaluate(config, tmp_path / "eval", half_right,
-                             checker=synthetic.answer_is_correct)
+                             checker=scenes.answer_is_correct)
   ids = [json.loads(line)["id"] for line in
          paths["test_qa"].read_text().splitlines()]
   right = [int(i.rsplit("_", 1)[1]) % 2 == 0 for i in ids]

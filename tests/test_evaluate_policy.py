@@ -7,7 +7,7 @@ from isr_dpo_jax import bootstrap
 from isr_dpo_jax import evaluate
 from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 
 
 def test_tiny_model_table_is_right_and_survives_a_kill(tmp_path, load_config):
@@ -19,7 +19,7 @@ def test_tiny_model_table_is_right_and_survives_a_kill(tmp_path, load_config):
   test_records = [json.loads(line) for line in open(setup.test_sets[0])]
   predictions_path = next((tmp_path / "eval").glob("*/predictions.jsonl"))
   predictions = {r["id"]: r["prediction"] for r in map(json.loads, open(predictions_path))}
-  correct = [synthetic.answer_is_correct(predictions[r["id"]],
+  correct = [scenes.answer_is_correct(predictions[r["id"]],
                                          r["conversations"][1]["value"])
              for r in test_records]
   assert row["n"] == len(test_records) == len(predictions)

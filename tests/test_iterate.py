@@ -16,10 +16,10 @@ import pytest
 from flax import nnx
 
 import conftest
-from isr_dpo_jax import bootstrap
 from isr_dpo_jax import checkpoint
 from isr_dpo_jax import iterate
 from isr_dpo_jax import models
+from isr_dpo_jax.world import build
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -162,9 +162,9 @@ def test_iteration_seeds_never_collide():
 
 def test_a_moved_workdir_finds_its_world(tmp_path):
   world = smoke_config().world
-  written = bootstrap.write_world(world, tmp_path / "run" / "world")
+  written = build.write_world(world, tmp_path / "run" / "world")
   (tmp_path / "run").rename(tmp_path / "moved")
-  found = bootstrap.write_world(world, tmp_path / "moved" / "world")
+  found = build.write_world(world, tmp_path / "moved" / "world")
   assert found.keys() == written.keys()
   for path in found.values():
     assert path.exists() and (tmp_path / "moved") in path.parents
@@ -191,7 +191,7 @@ def test_duplicate_ids_and_empty_questions_are_bad_prompts(tmp_path):
 
 def test_bad_prompts_are_skipped_named_and_counted(tmp_path):
   run = tmp_path / "run"
-  world = bootstrap.write_world(smoke_config().world, run / "world")
+  world = build.write_world(smoke_config().world, run / "world")
   videos = world["video_root"]
   (videos / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(500))
   good = world["train_qa"].read_text().splitlines()[:6]

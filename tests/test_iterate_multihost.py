@@ -15,8 +15,8 @@ import jax
 import pytest
 import tolerance
 
-from isr_dpo_jax import bootstrap
 from isr_dpo_jax import iterate
+from isr_dpo_jax.world import build
 from test_distributed import _run_job
 from test_distributed import LOCAL_SH
 from test_iterate import policy_params
@@ -56,7 +56,7 @@ def write_prompts(tmp_path, workdirs):
   """
   config = smoke_config()
   for workdir in workdirs:
-    world = bootstrap.write_world(config.world, workdir / "world")
+    world = build.write_world(config.world, workdir / "world")
     (world["video_root"] / "corrupt.mp4").write_bytes(
         b"\x00\x00\x00\x18ftypmp42" + bytes(500))
   good = world["train_qa"].read_text().splitlines()[::4][:9]

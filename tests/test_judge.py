@@ -11,7 +11,7 @@ import conftest
 from isr_dpo_jax import judge
 from isr_dpo_jax import judges
 from isr_dpo_jax import settings
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 
 
 def test_context_question_revisits_the_previous_context():
@@ -117,7 +117,7 @@ def test_verdict_preferences(verdicts):
 
 @pytest.fixture(name="world", scope="module")
 def world_fixture(tmp_path_factory):
-  return synthetic.write_world(tmp_path_factory.mktemp("world"), {"train": 6}, seed=0)
+  return scenes.write_world(tmp_path_factory.mktemp("world"), {"train": 6}, seed=0)
 
 
 class LetterPolicy:
@@ -156,7 +156,7 @@ def test_the_ground_truth_judge_without_a_world_is_a_config_error():
 
 def _wrong(qa: dict) -> str:
   """The world's response with its answer swapped for another of its kind."""
-  other = synthetic.alternatives(qa["answer"])[0]
+  other = scenes.alternatives(qa["answer"])[0]
   return re.sub(rf"\b{qa['answer']}\b", other, qa["response"])
 
 

@@ -15,7 +15,7 @@ from isr_dpo_jax import parallel
 from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 
 
 @pytest.fixture(name="smoke", scope="module")
@@ -31,7 +31,7 @@ def smoke_fixture(tmp_path_factory):
   for i, record in enumerate(prompts[:12]):
     (question, answer), = records.conversation_turns(record["conversations"])
     question = question.replace("<video>", "").strip()
-    right, wrong = f"It is {answer}.", f"It is {synthetic.alternatives(answer)[0]}."
+    right, wrong = f"It is {answer}.", f"It is {scenes.alternatives(answer)[0]}."
     y1, y2 = [(right, wrong), (wrong, right), (right, right)][i % 3]
     context = "A red square moves left." if i % 2 else None
     pairs.append(judges.Pair(

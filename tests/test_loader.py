@@ -10,7 +10,7 @@ from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video
 from isr_dpo_jax.data import video_cache
-from isr_dpo_jax.data import vocab
+from isr_dpo_jax.world import vocab
 
 NUM_RECORDS, BATCH = 11, 4
 FRAME_SHAPE = (2, 8, 8, 3)

@@ -15,7 +15,7 @@ from isr_dpo_jax import policy as policy_lib
 from isr_dpo_jax import sampling
 from isr_dpo_jax import stages
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 from isr_dpo_jax.data import video as video_lib
 
 MAX_PROMPT_CHARS = 400  # the judge template alone takes 240
@@ -175,7 +175,7 @@ def smoke_fixture(tmp_path_factory):
   for line, record in enumerate(read_jsonl(setup.prompts)[:16], start=1):
     (question, answer), = records.conversation_turns(record["conversations"])
     question = question.replace("<video>", "").strip()
-    right, wrong = f"It is {answer}.", f"It is {synthetic.alternatives(answer)[0]}."
+    right, wrong = f"It is {answer}.", f"It is {scenes.alternatives(answer)[0]}."
     responses = [[right, wrong], [wrong, right], [right, right]][line % 3]
     answered.append(dict(id=record["id"], video=record["video"], question=question,
                          responses=responses, lengths=[len(y.split()) for y in responses],
@@ -310,7 +310,7 @@ def test_the_ground_truth_judge_keeps_the_right_answer_as_chosen(smoke, tmp_path
 
 
 def test_the_ground_truth_judge_counts_pairs_with_both_or_neither_right(tmp_path):
-  world = synthetic.write_world(tmp_path / "world", {"train": 1})
+  world = scenes.write_world(tmp_path / "world", {"train": 1})
   clip = read_jsonl(world["ground_truth"])[0]
   qa = clip["qa"][0]  # how many shapes
   answered = [dict(prompt(i, qa["question"], clip["video"]), responses=ys)

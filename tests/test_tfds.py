@@ -9,13 +9,13 @@ import pytest
 from isr_dpo_jax import errors
 from isr_dpo_jax.data import loader
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tfds_builder
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.data import video
 from isr_dpo_jax.data import video_cache
-from isr_dpo_jax.data import vocab
+from isr_dpo_jax.world import vocab
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 NUM_FRAMES, SIZE = 4, 32
@@ -35,10 +35,10 @@ def video_root(tmp_path_factory):
   for clip in sorted(VIDEOS.glob("*.mp4")):
     (root / clip.name).symlink_to(clip)
   rng = np.random.default_rng(0)
-  synthetic.write_mp4(rng.integers(0, 255, (6, 48, 40, 3), np.uint8),
-                      root / "synthetic.mp4")
-  synthetic.write_frames(rng.integers(0, 255, (6, 40, 50, 3), np.uint8),
-                         root / "frames_a")
+  scenes.write_mp4(rng.integers(0, 255, (6, 48, 40, 3), np.uint8),
+                   root / "synthetic.mp4")
+  scenes.write_frames(rng.integers(0, 255, (6, 40, 50, 3), np.uint8),
+                      root / "frames_a")
   (root / "corrupt.mp4").write_bytes(
       b"\x00\x00\x00\x18ftypmp42" + b"\x13" * 500)
   (root / "empty_folder").mkdir()

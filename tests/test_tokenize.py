@@ -19,7 +19,7 @@ import transformers
 from isr_dpo_jax.data import records
 from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
-from isr_dpo_jax.data import vocab
+from isr_dpo_jax.world import vocab
 
 CORPUS = [
     templates.VICUNA_SYSTEM,

@@ -1,1 +1,1 @@
-"""Data: videos, text, records, datasets and the synthetic video world."""
+"""Data: videos, text, records and datasets (the synthetic world: isr_dpo_jax/world)."""

@@ -10,7 +10,7 @@ from isr_dpo_jax.eval import protocols
 from isr_dpo_jax.eval import test_sets
 
 # (prediction, ground-truth answer) -> whether the free-text prediction gives
-# the answer; e.g. data.synthetic.answer_is_correct for the synthetic world.
+# the answer; e.g. world.scenes.answer_is_correct for the synthetic world.
 Checker = Callable[[str, str], bool]
 
 

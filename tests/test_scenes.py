@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from isr_dpo_jax.data import records
-from isr_dpo_jax.data import synthetic
+from isr_dpo_jax.world import scenes
 from isr_dpo_jax.data import video
 
 NUM_VIDEOS = {"train": 6, "test": 3}
@@ -17,13 +17,13 @@ NUM_VIDEOS = {"train": 6, "test": 3}
 
 @pytest.fixture(scope="module")
 def clips():
-  return list(synthetic.generate("check", 40, seed=3))
+  return list(scenes.generate("check", 40, seed=3))
 
 
 @pytest.fixture(scope="module", params=["frames", "mp4"])
 def world(request, tmp_path_factory):
   root = tmp_path_factory.mktemp(request.param)
-  return request.param, synthetic.write_world(
+  return request.param, scenes.write_world(
       root, NUM_VIDEOS, seed=7, video_format=request.param)
 
 
@@ -34,7 +34,7 @@ def world(request, tmp_path_factory):
 def blobs(frame):
   """{shape: (color, x, y)} of one lossless frame."""
   found = {}
-  for color, rgb in synthetic.COLORS.items():
+  for color, rgb in scenes.COLORS.items():
     labels, count = ndimage.label(np.all(frame == rgb, axis=-1))
     for index in range(1, count + 1):
       ys, xs = np.nonzero(labels == index)
@@ -79,7 +79,7 @@ def answer_from_pixels(question, shapes):
   """The answer to a question, from the question's words and the pixels."""
   named = [w for w in re.findall(r"\w+", question) if w in shapes]
   if question.startswith("How many"):
-    return synthetic.NUMBERS[len(shapes) - 1]
+    return scenes.NUMBERS[len(shapes) - 1]
   if question.startswith("What color"):
     colors = {state[0] for state in shapes[named[0]] if state}
     assert len(colors) == 1
@@ -114,18 +114,18 @@ def test_answers_agree_with_the_pixels(clips):
 
 
 def test_same_seed_same_world(clips):
-  again = synthetic.make_clip(clips[5].id, seed=3)
+  again = scenes.make_clip(clips[5].id, seed=3)
   np.testing.assert_array_equal(again.frames, clips[5].frames)
   assert (again.truth, again.qa, again.caption, again.description) == (
       clips[5].truth, clips[5].qa, clips[5].caption, clips[5].description)
-  other = synthetic.make_clip(clips[5].id, seed=4)
+  other = scenes.make_clip(clips[5].id, seed=4)
   assert other.truth != clips[5].truth
 
 
 def test_written_world_is_deterministic(tmp_path):
   texts = []
   for name in ("a", "b"):
-    paths = synthetic.write_world(tmp_path / name, {"train": 3}, seed=1)
+    paths = scenes.write_world(tmp_path / name, {"train": 3}, seed=1)
     texts.append([paths[k].read_text() for k in ("train_sft", "ground_truth")])
   assert texts[0] == texts[1]
 
@@ -134,7 +134,7 @@ def test_answers_need_the_video():
   """No answer is predictable from the question's words alone."""
   by_question = collections.defaultdict(collections.Counter)
   first_mentioned = []
-  for clip in synthetic.generate("prior", 400, seed=0):
+  for clip in scenes.generate("prior", 400, seed=0):
     for qa in clip.qa:
       by_question[qa["question"]][qa["answer"]] += 1
       if qa["kind"] == "order":
@@ -162,18 +162,18 @@ def test_answers_need_the_video():
     ("a small dog", "Dog.", True),  # outside the world: every word
 ])
 def test_answer_is_correct(response, answer, correct):
-  assert synthetic.answer_is_correct(response, answer) == correct
+  assert scenes.answer_is_correct(response, answer) == correct
 
 
 def test_responses_are_correct_for_their_answer_only(clips):
   for qa in (qa for clip in clips for qa in clip.qa):
-    assert synthetic.answer_is_correct(qa["response"], qa["answer"]), qa
-    category = next(c for c in (synthetic.COLORS, synthetic.SHAPES,
-                                synthetic.DIRECTIONS, synthetic.NUMBERS,
+    assert scenes.answer_is_correct(qa["response"], qa["answer"]), qa
+    category = next(c for c in (scenes.COLORS, scenes.SHAPES,
+                                scenes.DIRECTIONS, scenes.NUMBERS,
                                 ("appears", "disappears"))
                     if qa["answer"] in c)
     for other in set(category) - {qa["answer"]}:
-      assert not synthetic.answer_is_correct(qa["response"], other), qa
+      assert not scenes.answer_is_correct(qa["response"], other), qa
 
 
 def test_world_files(world):
@@ -187,14 +187,14 @@ def test_world_files(world):
     by_split[split] = {r["video"] for r in sft.records + test.records}
     assert len(by_split[split]) == NUM_VIDEOS[split]
     assert {r["conversations"][0]["value"] for r in sft.records} >= {
-        f"<video>\n{synthetic.DESCRIBE_PROMPT}",
-        f"<video>\n{synthetic.CAPTION_PROMPT}"}
+        f"<video>\n{scenes.DESCRIBE_PROMPT}",
+        f"<video>\n{scenes.CAPTION_PROMPT}"}
   assert not by_split["train"] & by_split["test"]
   truths = [json.loads(line) for line in open(paths["ground_truth"])]
   assert len(truths) == sum(NUM_VIDEOS.values())
 
   for truth in truths[:3]:
-    expected = synthetic.render(truth["truth"])
+    expected = scenes.render(truth["truth"])
     for backend in ("decord", "pyav"):
       frames = video.read_video(paths["video_root"] / truth["video"], 8,
                                 backend=backend)
@@ -206,11 +206,11 @@ def test_world_files(world):
       assert np.abs(frames.astype(int) - expected).mean() < 6
       for obj in truth["truth"]["objects"]:
         for t, (x, y) in enumerate(zip(obj["x"], obj["y"])):
-          rgb = synthetic.COLORS[obj["colors"][t]] if obj["visible"][t] else (
-              synthetic.BACKGROUND)
+          rgb = scenes.COLORS[obj["colors"][t]] if obj["visible"][t] else (
+              scenes.BACKGROUND)
           assert np.abs(frames[t, y, x].astype(int) - rgb).max() < 40
 
 
 def test_rejects_worlds_too_small():
   with pytest.raises(ValueError, match="num_frames"):
-    synthetic.make_clip("x", num_frames=4)
+    scenes.make_clip("x", num_frames=4)
