@@ -1,4 +1,4 @@
-"""95% intervals for the demo's numbers: paired accuracy differences, rates, means.
+"""95% intervals for the demo's numbers: paired accuracy differences and means.
 
 Both are closed forms (no resampling), so a report's intervals are the same
 on every machine that produced the same answers.
@@ -37,16 +37,6 @@ def paired_difference(before: Sequence[bool], after: Sequence[bool]) -> Estimate
   value = (gained - lost) / n
   spread = Z95 * math.sqrt(gained + lost - (gained - lost) ** 2 / n) / n
   return Estimate(value, value - spread, value + spread, n)
-
-
-def proportion(successes: int, n: int) -> Estimate | None:
-  """successes / n with its Wilson score interval; None when n is 0."""
-  if n == 0:
-    return None
-  p = successes / n
-  centre = (p + Z95 ** 2 / (2 * n)) / (1 + Z95 ** 2 / n)
-  spread = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / (1 + Z95 ** 2 / n)
-  return Estimate(p, centre - spread, centre + spread, n)
 
 
 def mean(values: Sequence[float]) -> Estimate | None:

@@ -6,19 +6,6 @@ from scipy import stats
 from isr_dpo_jax import intervals
 
 
-@pytest.mark.parametrize("successes,n", [(0, 7), (3, 10), (160, 200), (412, 1236)])
-def test_proportion_is_scipys_wilson_interval(successes, n):
-  estimate = intervals.proportion(successes, n)
-  reference = stats.binomtest(successes, n).proportion_ci(0.95, method="wilson")
-  assert estimate.value == successes / n and estimate.n == n
-  np.testing.assert_allclose([estimate.low, estimate.high],
-                             [reference.low, reference.high], rtol=1e-9, atol=1e-12)
-
-
-def test_proportion_of_nothing_is_none():
-  assert intervals.proportion(0, 0) is None
-
-
 def test_paired_difference_counts_only_changed_scores():
   # 10 questions: 3 gained, 1 lost, 6 the same.
   before = [False] * 3 + [True] + [True] * 4 + [False] * 2
