@@ -54,7 +54,7 @@ def summarize(workdir: pathlib.Path, config, world, arms: list[str],
               [sft[i] for i in sorted(sft)], [correct[i] for i in sorted(sft)])),
           answer_length=_answer_length(after.parent, after.name),
           **_judging(it_dir, prompt_answers, scores), pairs_kept=summary_t["pairs"],
-          seconds=_stage_seconds(it_dir)))
+          seconds=_stage_seconds(it_dir, summary_t)))
     summary["arms"][arm] = dict(seconds=timings.get(arm), iterations=its,
                                 judge_agreement=_estimate(intervals.mean(scores)))
   return summary
@@ -92,9 +92,9 @@ def _judging(it_dir: pathlib.Path, answers: dict[str, str], scores: list[float])
               pairs_one_correct=len(found), judge_agreement=_estimate(intervals.mean(found)))
 
 
-def _stage_seconds(it_dir: pathlib.Path) -> dict:
-  """Seconds of the sampling and judging stages and of the DPO steps."""
-  summary = json.loads((it_dir / "summary.json").read_text())
+def _stage_seconds(it_dir: pathlib.Path, summary: dict) -> dict:
+  """Seconds of the sampling and judging stages (from the iteration's
+  summary) and of the DPO steps."""
   seconds = {s["stage"]: s["seconds"] for s in summary["stages"]}
   metrics = it_dir / "train" / "metrics.jsonl"
   rows = metrics_lib.read_metrics(metrics) if metrics.exists() else []
