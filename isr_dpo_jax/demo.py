@@ -62,6 +62,7 @@ from isr_dpo_jax import bootstrap
 from isr_dpo_jax import demo_report
 from isr_dpo_jax import errors
 from isr_dpo_jax import iterate
+from isr_dpo_jax import prepare_videos
 from isr_dpo_jax import settings
 from isr_dpo_jax import sft
 from isr_dpo_jax.data import records
@@ -69,13 +70,18 @@ from isr_dpo_jax.world import sft_data
 
 # Arm name -> config overrides, all from pi_0: ISR-DPO, the paper's two
 # ablations, and the positive control (the same pairs, DPO and evaluation;
-# the world's answers as the judge).
+# the world's answers as the judge, which reads no context, so none is
+# written for it).
 ARMS = {
     "isr_dpo": {},
     "no_context": {"self_judge.use_context": False},
     "no_retrospection": {"self_judge.retrospective": False},
-    "ground_truth_judge": {"self_judge.mode": "ground_truth"},
+    "ground_truth_judge": {"self_judge.mode": "ground_truth",
+                           "self_judge.use_context": False},
 }
+# Without an earlier context to revisit, the first iteration of this arm is
+# the same computation as ISR-DPO's: it is copied, not run again.
+SAME_FIRST_ITERATION = {"no_retrospection": "isr_dpo"}
 
 
 def main(config: ml_collections.ConfigDict, workdir: str, stage: str = "loop") -> None:
@@ -101,9 +107,11 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   world = bootstrap.prepare(config, workdir)
   config.data.prompts = str(write_loop_prompts(world, config.demo.loop_clips,
                                                 workdir / "loop_prompts.jsonl"))
+  config.data.video_cache = str(workdir / "video_cache")
+  prepare_videos.run(config, workdir)  # every video decoded once
   with _Phases(workdir, list(ARMS)) as phases:
     for arm in phases:
-      _share_pi0_answers(workdir, arm)
+      _share_first_iteration(workdir, arm)
       iterate.run(arm_config(config, ARMS[arm]), workdir / arm)
   summary = demo_report.summarize(workdir, config, world, list(ARMS), phases.timings)
   (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -122,15 +130,25 @@ def write_loop_prompts(world: bootstrap.Setup, num_clips: int,
   return path
 
 
-def _share_pi0_answers(workdir: pathlib.Path, arm: str) -> None:
-  """pi_0's greedy answers are the same in every arm: the first arm's are
-  copied into the others' first evaluation, which then resumes from them."""
-  first = workdir / next(iter(ARMS)) / "iter_0" / "eval"
-  for answers in first.glob("*/predictions.jsonl"):
-    copy = workdir / arm / answers.relative_to(workdir / next(iter(ARMS)))
+def _share_first_iteration(workdir: pathlib.Path, arm: str) -> None:
+  """What an earlier arm computed that `arm` would compute again, copied into
+  its first iteration, which then resumes from it: pi_0's greedy answers and
+  sampled pairs (the same policy, seed and prompts in every arm), or the
+  whole iteration (SAME_FIRST_ITERATION)."""
+  first = workdir / next(iter(ARMS)) / "iter_0"
+  copy = workdir / arm / "iter_0"
+  if arm in SAME_FIRST_ITERATION:
     if not copy.exists():
-      copy.parent.mkdir(parents=True, exist_ok=True)
-      shutil.copyfile(answers, copy)
+      partial = copy.with_name("iter_0.copying")
+      shutil.rmtree(partial, ignore_errors=True)
+      shutil.copytree(workdir / SAME_FIRST_ITERATION[arm] / "iter_0", partial)
+      partial.rename(copy)
+    return
+  for done in [*first.glob("eval/*/predictions.jsonl"), first / "responses.jsonl"]:
+    target = copy / done.relative_to(first)
+    if done.exists() and not target.exists():
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.copyfile(done, target)
 
 
 def train_pi0(config: ml_collections.ConfigDict, workdir) -> pathlib.Path:

@@ -162,7 +162,8 @@ def iteration(t: int, config, workdir: pathlib.Path, mesh, setup: bootstrap.Setu
   answered, s1 = stages.responses(prompts, policy, config, seed,
                                   it_dir / "responses.jsonl", errors)
   videos = sorted({x["video"]: x for x in prompts}.values(), key=lambda x: x["video"])
-  videos = [dict(x, id=x["video"]) for x in videos]
+  # A judge denied the context (an ablation, the ground truth) gets none written.
+  videos = [dict(x, id=x["video"]) for x in videos] if config.self_judge.use_context else []
   previous = carried_contexts(workdir, t)
   written, s2 = stages.contexts(videos, previous, policy, config, seed,
                                 it_dir / "contexts.jsonl", errors)

@@ -146,11 +146,21 @@ def test_positive_control_judges_by_the_truth(demo_run):
   assert arm["judge_agreement"] is None or arm["judge_agreement"]["value"] == 1
 
 
-def test_every_arm_starts_from_the_same_answers_of_pi0(demo_run):
+def test_arms_share_what_pi0_computes_and_write_contexts_only_to_read_them(demo_run):
+  """pi_0's answers and samples are computed once; no_retrospection's first
+  iteration is ISR-DPO's; the arms whose judge reads no context write none."""
   workdir, _ = demo_run
-  first = {arm: read_jsonl(next((workdir / arm / "iter_0" / "eval").glob(
-      "*/predictions.jsonl"))) for arm in demo.ARMS}
-  assert all(answers == first["isr_dpo"] for answers in first.values())
+  first = lambda arm, pattern: read_jsonl(next((workdir / arm / "iter_0").glob(pattern)))
+  for arm in demo.ARMS:
+    assert first(arm, "eval/*/predictions.jsonl") == first("isr_dpo", "eval/*/predictions.jsonl")
+    assert first(arm, "responses.jsonl") == first("isr_dpo", "responses.jsonl")
+  assert (json.loads((workdir / "no_retrospection" / "iter_0" / "summary.json").read_text())
+          == json.loads((workdir / "isr_dpo" / "iter_0" / "summary.json").read_text()))
+  for arm in demo.ARMS:
+    for t in range(ITERATIONS):
+      contexts = read_jsonl(workdir / arm / f"iter_{t}" / "contexts.jsonl")
+      reads = arm in ("isr_dpo", "no_retrospection")
+      assert len(contexts) == (3 if reads else 0)
 
 
 def test_loop_asks_every_question_of_its_clips_and_no_other(demo_run):
