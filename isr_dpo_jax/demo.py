@@ -5,6 +5,7 @@ The demo ships its own (config.demo.pi0) and spends its minutes on the loop.
 
 `--stage=loop` (the default), in `<workdir>/`:
   world/                  the synthetic world's videos and jsonl files
+  video_cache/            every video decoded once (prepare-videos)
   loop_prompts.jsonl      every question about the loop's clips
   isr_dpo/                ISR-DPO iterations (iterate.py), judge with context
   no_context/             the same, the judge denied the context
