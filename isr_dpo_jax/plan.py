@@ -15,10 +15,11 @@ an estimate of one ISR-DPO iteration.
 
 Shapes are the largest a run meets, so that "fits" holds for every batch:
 prompts at the longest bucket that data.max_length admits, responses at
-max_new_tokens. XLA counts a loop's body once: the DPO and SFT updates' costs
-are one micro-batch (and the optimizer step), the reference log-probs' one
-micro-batch, a decode's one token; the
-estimate multiplies them by their trip counts.
+max_new_tokens. XLA counts a loop's body once; the plan adds the matrix
+products of every scan's other iterations (micro-batches, decoder layers,
+attention blocks) from the program's jaxpr, so an update's cost is the whole
+step's. A decode program's loop has no trip count: its cost is one token, and
+the estimate multiplies it by max_new_tokens.
 
 JAX cannot load a compile-only executable back from its persistent cache, so
 the plan keeps each program's analysis itself, keyed by a hash of the lowered
@@ -40,7 +41,9 @@ from typing import Any
 
 import jax
 from jax.experimental import topologies
+import jax.extend
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
@@ -249,14 +252,14 @@ def run_shapes(config, video_tokens: int) -> Shapes:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """A jitted function lowered at a run's shapes.
+  """A jitted function traced at a run's shapes.
 
-  `lower` gets the abstract outputs (with shardings) of the programs it
+  `trace` gets the abstract outputs (with shardings) of the programs it
   `needs`, by name: a decode step takes what its prefill returned.
   """
   name: str
   shape: str  # what it runs on, for the table
-  lower: Callable[[dict[str, Any]], jax.stages.Lowered]
+  trace: Callable[[dict[str, Any]], jax.stages.Traced]
   needs: tuple[str, ...] = ()
 
 
@@ -311,16 +314,16 @@ def sampling_programs(config, model: models.VideoLanguageModel, mesh,
     params = _with_stops(params, model.video)
     shape = (f"{batch} slots x {num_samples}, {length} + "
              f"{params.max_new_tokens} tokens")
-    slots = Program(f"{stage} slots", shape, lambda _: sampler._empty.lower(
+    slots = Program(f"{stage} slots", shape, lambda _: sampler._empty.trace(
         state, *tokens(batch, length), None, num_samples=num_samples,
         max_new_tokens=params.max_new_tokens))
     insert = Program(f"{stage} prefill", f"{batch} prompts into {shape}",
-                     lambda done: sampler._insert.lower(
+                     lambda done: sampler._insert.trace(
                          state, done[slots.name], *prompts, slot_of, scalar,
                          uids, params=params, num_samples=num_samples),
                      needs=(slots.name,))
     decode = Program(f"{stage} decode", shape + ", per token",
-                     lambda done: sampler._resume.lower(
+                     lambda done: sampler._resume.trace(
                          state, done[insert.name], drain, params=params,
                          num_samples=num_samples),
                      needs=(insert.name,))
@@ -331,11 +334,11 @@ def sampling_programs(config, model: models.VideoLanguageModel, mesh,
     params = _with_stops(params, model.video)
     shape = (f"{batch} prompts x {num_samples}, {length} + "
              f"{suffixes[0].shape[1]} + {params.max_new_tokens} tokens")
-    prefill = Program(f"{stage} prefill", shape, lambda _: sampler._prefill.lower(
+    prefill = Program(f"{stage} prefill", shape, lambda _: sampler._prefill.trace(
         state, *prompts, *suffixes, num_samples=num_samples,
         max_new_tokens=params.max_new_tokens))
     decode = Program(f"{stage} decode", shape + ", per token",
-                     lambda done: sampler._decode.lower(
+                     lambda done: sampler._decode.trace(
                          state, *done[prefill.name], scalar, uids, scalar,
                          params=params, num_samples=num_samples),
                      needs=(prefill.name,))
@@ -350,7 +353,7 @@ def sampling_programs(config, model: models.VideoLanguageModel, mesh,
   else:
     out.append(Program("judge score", f"{batch} pairs, {length} + 2 x "
                        f"{shapes.suffix} tokens",
-                       lambda _: sampler._score.lower(state, *prompts, *orders)))
+                       lambda _: sampler._score.trace(state, *prompts, *orders)))
   if config.eval.enabled:
     out += streamed("eval", greedy(answer.max_new_tokens), 1)
   return out
@@ -394,20 +397,20 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
                f"{shapes.dpo_response} tokens")
   out = [
       Program("train video features", f"{batch_size} videos",
-              lambda _: trainer.encode_video.lower(params, frames(batch_size))),
+              lambda _: trainer.encode_video.trace(params, frames(batch_size))),
       Program("reference log-probs", f"{pair_rows}, {accum} micro-batches",
-              lambda done: trainer.pair_logps.lower(
+              lambda done: trainer.pair_logps.trace(
                   params, pairs, done["train video features"]),
               needs=("train video features",)),
       Program("dpo update", f"{pair_rows}, {accum} micro-batches",
-              lambda done: trainer.dpo_step.lower(
+              lambda done: trainer.dpo_step.trace(
                   state, pairs, done["train video features"], *reference,
                   *base),
               needs=("train video features",)),
   ]
   if base:
     out.append(Program("merge adapters", "once per iteration",
-                       lambda _: trainer.merge_adapters.lower(params,
+                       lambda _: trainer.merge_adapters.trace(params,
                                                               state.params)))
   sft_trainer = train.Trainer(model, settings.sft_train_config(config), mesh,
                               total_steps=1000)
@@ -421,11 +424,11 @@ def training_programs(config, model: models.VideoLlava, mesh, shapes: Shapes,
       rows(sft_size, shapes.sft_target, dtype=bool))
   out += [
       Program("sft video features", f"{sft_size} videos",
-              lambda _: sft_trainer.encode_video.lower(sft_params,
+              lambda _: sft_trainer.encode_video.trace(sft_params,
                                                        frames(sft_size))),
       Program("sft update", f"{sft_size} examples, {shapes.sft_prompt} + "
               f"{shapes.sft_target} tokens",
-              lambda done: sft_trainer.sft_step.lower(
+              lambda done: sft_trainer.sft_step.trace(
                   sft_state, examples, done["sft video features"],
                   *sft_base),
               needs=("sft video features",)),
@@ -444,6 +447,52 @@ def _model_params(trainer: train.Trainer, state: train.TrainState):
 # ---------------------------------------------------------------------------
 # Compilation and analysis
 # ---------------------------------------------------------------------------
+
+
+def _matmul_cost(eqn: jax.extend.core.JaxprEqn) -> tuple[float, float]:
+  """FLOPs and bytes read and written of a matrix product; (0, 0) otherwise."""
+  if eqn.primitive.name != "dot_general":
+    return 0.0, 0.0
+  (contracting, _), _ = eqn.params["dimension_numbers"]
+  lhs, rhs = (v.aval for v in eqn.invars)
+  out = eqn.outvars[0].aval
+  flops = 2 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in contracting)
+  return flops, sum(a.size * a.dtype.itemsize for a in (lhs, rhs, out))
+
+
+def _matmul_costs(jaxpr: jax.extend.core.Jaxpr) -> tuple[np.ndarray, np.ndarray]:
+  """[FLOPs, bytes] of the matrix products in `jaxpr`: with every `scan` run
+  its length, and as XLA's cost analysis counts them, a loop's body once (a
+  scan unrolled k times has k iterations in its body)."""
+  every, once = np.zeros(2), np.zeros(2)
+  for eqn in jaxpr.eqns:
+    every += _matmul_cost(eqn)
+    once += _matmul_cost(eqn)
+    trips, in_body = 1, 1
+    if eqn.primitive.name == "scan":
+      trips = eqn.params["length"]
+      in_body = min(eqn.params["unroll"], trips)
+    for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+      inner_every, inner_once = _matmul_costs(inner)
+      every += trips * inner_every
+      once += in_body * inner_once
+  return every, once
+
+
+def uncounted_iterations(jaxpr: jax.extend.core.Jaxpr) -> tuple[float, float]:
+  """FLOPs and bytes of the scan iterations that XLA's cost analysis leaves
+  out, over all chips: the matrix products (and their operands' and results'
+  bytes) of every iteration after a `scan`'s first, nested scans included.
+
+  XLA counts a loop's body once. A training program loops over micro-batches,
+  over the decoder layers (llama._scan_layers) and over a long attention's
+  query blocks, so its own count is one block of one layer of one
+  micro-batch. Elementwise work in the left-out iterations is not added; a
+  `while_loop`'s trip count is unknown, so a decode loop stays one step.
+  """
+  every, once = _matmul_costs(jaxpr)
+  flops, bytes_accessed = every - once
+  return float(flops), float(bytes_accessed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,16 +524,21 @@ class Analysis:
                self.bytes_accessed / chip.hbm_bandwidth)
 
   @classmethod
-  def of(cls, compiled: jax.stages.Compiled) -> "Analysis":
+  def of(cls, compiled: jax.stages.Compiled, jaxpr: jax.extend.core.ClosedJaxpr,
+         num_chips: int) -> "Analysis":
+    """XLA's analysis of `compiled`, its cost completed with the scan
+    iterations XLA leaves out (`uncounted_iterations` of its `jaxpr`, shared
+    evenly by the `num_chips` chips that run it)."""
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    flops, bytes_accessed = uncounted_iterations(jaxpr.jaxpr)
     return cls(
         arguments=memory.argument_size_in_bytes,
         outputs=memory.output_size_in_bytes,
         aliased=memory.alias_size_in_bytes,
         temporaries=memory.temp_size_in_bytes,
         code=memory.generated_code_size_in_bytes,
-        flops=cost.get("flops", 0.0),
-        bytes_accessed=cost.get("bytes accessed", 0.0),
+        flops=cost.get("flops", 0.0) + flops / num_chips,
+        bytes_accessed=cost.get("bytes accessed", 0.0) + bytes_accessed / num_chips,
         out_specs=[[list(axis) if isinstance(axis, tuple) else axis
                     for axis in out.sharding.spec]
                    for out in jax.tree.leaves(compiled.out_info)])
@@ -512,9 +566,14 @@ def _versions() -> str:
   return f"jax {jax.__version__}, libtpu {libtpu}"
 
 
+# Changes when an Analysis of the same program changes: 2 adds the scans'
+# uncounted iterations.
+_ANALYSIS_FORMAT = "2"
+
+
 def _cache_key(lowered: jax.stages.Lowered, mesh) -> str:
   digest = hashlib.sha256()
-  for part in (lowered.as_text(), _versions(), mesh.devices.flat[0].device_kind,
+  for part in (_ANALYSIS_FORMAT, lowered.as_text(), _versions(), mesh.devices.flat[0].device_kind,
                repr([d.id for d in mesh.devices.flat]), repr(dict(mesh.shape))):
     digest.update(part.encode() + b"\0")
   return digest.hexdigest()
@@ -553,10 +612,11 @@ def analyse(programs: Sequence[Program], where: Target, mesh,
   done, rows = {}, []
   for program in programs:
     try:
-      lowered = program.lower(done)
+      traced = program.trace(done)
     except KeyError as e:
       rows.append(Row(program, None, f"needs {e.args[0]}, which did not compile"))
       continue
+    lowered = traced.lower()
     key = _cache_key(lowered, mesh)
     path = None if cache is None else cache / f"{key}.json"
     if path is not None and path.exists():
@@ -565,7 +625,8 @@ def analyse(programs: Sequence[Program], where: Target, mesh,
     else:
       clock = time.perf_counter()
       try:
-        analysis = Analysis.of(_compile(lowered, where.compile_only))
+        analysis = Analysis.of(_compile(lowered, where.compile_only),
+                               traced.jaxpr, mesh.size)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):
           raise
@@ -643,9 +704,9 @@ def iteration_estimate(config, rows: Sequence[Row], chip: Chip) -> str:
       ("judgments", batches(prompts, sampling_batch), *judging),
       ("reference", batches(prompts, train_batch),
        f"(features + {accum} micro-batches)",
-       t["train video features"] + accum * t["reference log-probs"]),
+       t["train video features"] + t["reference log-probs"]),
       ("dpo", dpo_steps, f"(features + {accum} micro-batches)",
-       t["train video features"] + accum * t["dpo update"]),
+       t["train video features"] + t["dpo update"]),
   ]
   if "merge adapters" in t:
     stages_.append(("merge", 1, "(LoRA adapters into the model)",
@@ -662,8 +723,8 @@ def iteration_estimate(config, rows: Sequence[Row], chip: Chip) -> str:
       "max_new_tokens at the longest prompt, and the judge kept every pair. "
       "Left out: collectives between chips, host work (decoding videos, "
       "tokenising, Python between batches), evaluation, compilation and "
-      "checkpoints; a micro-batch's cost includes the optimizer step, counted "
-      "once per micro-batch.")
+      "checkpoints, and the work besides matrix products in a scan's "
+      "iterations after its first.")
   return "\n".join(lines)
 
 
@@ -704,7 +765,7 @@ def plan(config, topology: str | None, *, cache: pathlib.Path | None = None,
 def report(config, where: Target, rows: Sequence[Row]) -> str:
   """The table and, on a known chip, the iteration's estimate."""
   text = [f"Plan for {where.name}, mesh {dict(config.mesh)}; memory and cost "
-          "per chip (a loop's body counted once).", "", table(rows, where.chip), ""]
+          "per chip.", "", table(rows, where.chip), ""]
   if where.chip is None:
     text.append(f"No roofline: {where.devices[0].device_kind} is not in the "
                 "chip table.")

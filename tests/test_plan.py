@@ -90,7 +90,12 @@ def test_dpo_update_row_is_xla_analysis_of_the_trainers_step(tiny_plan):
   assert got.peak == (memory.argument_size_in_bytes + memory.output_size_in_bytes
                       - memory.alias_size_in_bytes + memory.temp_size_in_bytes
                       + memory.generated_code_size_in_bytes)
-  assert (got.flops, got.bytes_accessed) == (cost["flops"], cost["bytes accessed"])
+  traced = trainer.dpo_step.trace(state, pairs, feats, reference, reference)
+  flops, bytes_accessed = plan.uncounted_iterations(traced.jaxpr.jaxpr)
+  assert flops > cost["flops"]  # 2 micro-batches of 2 scanned layers
+  assert got.flops == pytest.approx(cost["flops"] + flops / 4, rel=1e-12)
+  assert got.bytes_accessed == pytest.approx(
+      cost["bytes accessed"] + bytes_accessed / 4, rel=1e-12)
   cells = _table_row(plan.table(rows, where.chip), "dpo update")
   arguments, temporaries, peak, hbm = map(float, cells[2:6])
   assert arguments == pytest.approx(got.arguments / plan.GiB, rel=5e-3)
@@ -103,6 +108,37 @@ def test_dpo_update_row_is_xla_analysis_of_the_trainers_step(tiny_plan):
   assert float(cells[9]) == pytest.approx(
       max(got.flops / chip.peak_flops, got.bytes_accessed / chip.hbm_bandwidth),
       rel=5e-3)
+
+
+@pytest.mark.parametrize("unroll", [1, 2])
+def test_a_scans_cost_counts_every_iteration(unroll):
+  """XLA's cost analysis counts a loop body once; the plan's cost of a
+  scanned program (a scan of layers, each a scan of two blocks, the layer
+  remat'd, and its gradient) is every product of every iteration."""
+  def layer(x_BxD, w_DxD):
+    halves = jax.lax.map(lambda x_HxD: x_HxD @ w_DxD, x_BxD.reshape(2, -1, 64))
+    return jnp.tanh(halves.reshape(x_BxD.shape)), None
+
+  def loss(w_LxDxD, x_BxD):
+    return jnp.sum(jax.lax.scan(jax.checkpoint(layer), x_BxD, w_LxDxD,
+                                unroll=unroll)[0])
+
+  one_chip = jax.sharding.NamedSharding(
+      jax.make_mesh((1,), ("data",), devices=jax.devices()[:1]),
+      jax.sharding.PartitionSpec())
+  shapes = (jax.ShapeDtypeStruct((4, 64, 64), jnp.float32, sharding=one_chip),
+            jax.ShapeDtypeStruct((32, 64), jnp.float32, sharding=one_chip))
+  traced = jax.jit(jax.grad(loss, argnums=(0, 1))).trace(*shapes)
+  compiled = traced.lower().compile()
+  got = plan.Analysis.of(compiled, traced.jaxpr, num_chips=1)
+  # Per block of 16 rows: the product, its recomputation, and two products
+  # in the backward pass; 2 blocks a layer, 4 layers.
+  products = 4 * 2 * 4
+  assert compiled.cost_analysis()["flops"] < products * 2 * 16 * 64 * 64 / 3
+  assert got.flops == pytest.approx(products * 2 * 16 * 64 * 64, rel=0.02)
+  # Each reads its two operands and writes its result: 3 x 16 x 64 or
+  # 2 x 16 x 64 + 64 x 64 floats.
+  assert got.bytes_accessed > products * 4 * (2 * 16 * 64 + 16 * 64)
 
 
 @needs_libtpu
@@ -120,15 +156,13 @@ def test_the_report_estimates_an_iteration_from_the_rooflines(tiny_plan):
   text = plan.report(config, where, rows)
   seconds = {r.program.name: r.analysis.seconds(where.chip) for r in rows}
   total = re.search(r"rooflines: ([\d.]+) h", text)[1]
-  # 16 prompts, batches of 8 (sampling) and 8 pairs (training), 1 epoch;
-  # the reference log-probs and the update loop over the micro-batches.
-  accum = config.train.grad_accum_steps
+  # 16 prompts, batches of 8 (sampling) and 8 pairs (training), 1 epoch; a
+  # decode row is one token, the reference and update rows a whole batch.
   want = (2 * (seconds["answers prefill"] + 12 * seconds["answers decode"])
           + 2 * (seconds["contexts prefill"] + 16 * seconds["contexts decode"])
           + 2 * seconds["judge score"]
-          + 2 * (seconds["train video features"]
-                 + accum * seconds["reference log-probs"])
-          + 2 * (seconds["train video features"] + accum * seconds["dpo update"]))
+          + 2 * (seconds["train video features"] + seconds["reference log-probs"])
+          + 2 * (seconds["train video features"] + seconds["dpo update"]))
   assert float(total) == pytest.approx(want / 3600, abs=0.006)
   assert "Left out:" in text
 
