@@ -37,9 +37,10 @@ REFERENCES = ("previous", "initial")  # dpo.reference: pi_t or pi_0
 SCHEDULES = ("linear", "cosine")  # train.schedule, sft.schedule
 DTYPES = ("float32", "bfloat16", "float16")  # model.dtype (compute)
 SCORINGS = ("judge", "match")  # eval.scoring
-# The jax.checkpoint_policies that take no arguments: train.remat.
+# train.remat: the jax.checkpoint_policies that take no arguments, and
+# offloading the layer inputs to host memory (train.remat_policy).
 REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable",
-                  "dots_saveable", "everything_saveable")
+                  "dots_saveable", "everything_saveable", "offload_layer_inputs")
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Parameter groups every model family names (models/interface.py).
@@ -82,7 +83,9 @@ class TrainConfig:
   `jax.checkpoint_policies` policy applied to every decoder layer, e.g.
   "nothing_saveable" (keep only layer inputs) or
   "dots_with_no_batch_dims_saveable" (keep the projections, recompute
-  attention and activations); None stores everything. `grad_accum_steps`
+  attention and activations), or "offload_layer_inputs" (as
+  "nothing_saveable", the layer inputs kept in host memory: for chips of
+  16 GB); None stores everything. `grad_accum_steps`
   microbatches make one update (the batch must split evenly); `packed` puts
   prompt, chosen and rejected in one row per pair. `lora` with a rank > 0
   trains low-rank adapters on its target kernels instead of the model

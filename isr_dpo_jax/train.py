@@ -62,6 +62,7 @@ from isr_dpo_jax.settings import TrainConfig  # with the other typed settings, j
 from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import video
 from isr_dpo_jax.models import interface
+from isr_dpo_jax.models import layers
 
 
 @flax.struct.dataclass
@@ -136,6 +137,21 @@ def _video_embeddings(model, visual):
   return model.encode_video(visual)
 
 
+def remat_policy(name: str | None):
+  """train.remat's policy for each decoder layer: None (store everything), a
+  `jax.checkpoint_policies` name, or "offload_layer_inputs": nothing kept on
+  the device but each layer's input, which waits in the host's memory
+  (pinned_host) for the backward pass, where a 7B micro-batch's 32 inputs
+  would hold 1.25 GiB of a v5e chip's 16 GB."""
+  if name is None:
+    return None
+  if name == "offload_layer_inputs":
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=(layers.LAYER_INPUT,),
+        offload_src="device", offload_dst="pinned_host")
+  return getattr(jax.checkpoint_policies, name)
+
+
 def _logits(model, rows: packing.Rows, visual, remat: str | None = None):
   """Logits of the outputs that predict response tokens: [R*B, T, V].
 
@@ -149,9 +165,8 @@ def _logits(model, rows: packing.Rows, visual, remat: str | None = None):
   feats_NxMxD = jnp.tile(feats_BxNxD,
                          (rows.ids.shape[0] // feats_BxNxD.shape[0], 1, 1))
   x_NxLxD = model.embed(rows.ids, feats_NxMxD)
-  policy = None if remat is None else getattr(jax.checkpoint_policies, remat)
   hidden_NxLxD, _ = model.hidden_states(x_NxLxD, rows.positions, rows.mask,
-                                        remat_policy=policy)
+                                        remat_policy=remat_policy(remat))
   hidden_RNxTxD = parallel.shard_rows(packing.read_responses(hidden_NxLxD, rows))
   return parallel.shard_rows(model.logits(hidden_RNxTxD))
 

@@ -14,6 +14,7 @@ from flax import nnx
 
 from isr_dpo_jax import lora
 from isr_dpo_jax import settings
+from isr_dpo_jax import train
 from isr_dpo_jax.models import llama
 from isr_dpo_jax.models.config import LlamaConfig
 
@@ -58,11 +59,11 @@ def _model() -> tuple[nnx.GraphDef, dict]:
   return graphdef, nnx.to_pure_dict(state)
 
 
-@pytest.mark.parametrize("remat", [None, "nothing_saveable"])
+@pytest.mark.parametrize("remat", [None, "nothing_saveable", "offload_layer_inputs"])
 def test_scanned_layers_give_the_loops_loss_and_gradients(remat):
   graphdef, params = _model()
-  policy = None if remat is None else getattr(jax.checkpoint_policies, remat)
-  scanned = lambda *args: _scanned_hidden_states(*args, remat_policy=policy)
+  scanned = lambda *args: _scanned_hidden_states(
+      *args, remat_policy=train.remat_policy(remat))
 
   def loss_and_grads(hidden_states):
     return jax.jit(jax.value_and_grad(
