@@ -54,9 +54,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 LAYER_INPUT = "decoder_layer_input"
 
 # Queries per block of a long attention: a block's float32 logits are what
-# it holds at once (32 heads x 256 queries x 5,128 keys: 168 MB; blocks of
-# 512 left a 7B update on a v5e 0.7 GiB short, docs/scale.md).
-QUERY_BLOCK = 256
+# it holds at once (32 heads x 512 queries x 5,128 keys: 336 MB).
+QUERY_BLOCK = 512
 
 
 def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS=None) -> jax.Array:
