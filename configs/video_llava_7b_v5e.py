@@ -6,6 +6,8 @@ KV cache, 4,104 + 512 tokens, is 2.3 GB). DPO keeps the global batch of 128
 pairs: 8 micro-batches of 16, one pair per chip, and keeps each decoder
 layer's input in the host's memory until the backward pass needs it (32
 layers x 40 MiB a chip; without it the update plans at 94% of HBM).
+Training fits; the sampler's prefills do not yet (docs/scale.md, "The whole
+v5e run").
 
   isr-dpo plan --config=configs/video_llava_7b_v5e.py --topology=v5e:4x4
 """

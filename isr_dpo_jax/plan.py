@@ -573,7 +573,8 @@ _ANALYSIS_FORMAT = "2"
 
 def _cache_key(lowered: jax.stages.Lowered, mesh) -> str:
   digest = hashlib.sha256()
-  for part in (_ANALYSIS_FORMAT, lowered.as_text(), _versions(), mesh.devices.flat[0].device_kind,
+  for part in (_ANALYSIS_FORMAT, lowered.as_text(), _versions(),
+               mesh.devices.flat[0].device_kind,
                repr([d.id for d in mesh.devices.flat]), repr(dict(mesh.shape))):
     digest.update(part.encode() + b"\0")
   return digest.hexdigest()
