@@ -466,8 +466,9 @@ def _matmul_costs(jaxpr: jax.extend.core.Jaxpr) -> tuple[np.ndarray, np.ndarray]
   scan unrolled k times has k iterations in its body)."""
   every, once = np.zeros(2), np.zeros(2)
   for eqn in jaxpr.eqns:
-    every += _matmul_cost(eqn)
-    once += _matmul_cost(eqn)
+    cost = _matmul_cost(eqn)
+    every += cost
+    once += cost
     trips, in_body = 1, 1
     if eqn.primitive.name == "scan":
       trips = eqn.params["length"]
