@@ -213,40 +213,60 @@ def _static(sampler: sampling.Sampler, prompts: Iterable[Prompt],
       yield b.position + i, out, i * num_samples
 
 
-def _insert_size(sampler: sampling.Sampler, count: int, slots: int) -> int:
-  """Prompts per insert: count rounded up to a power of two times the rows
-  each process must give the mesh's data shards (few shapes), at most slots."""
-  shards = 1 if sampler.mesh is None else (sampler.mesh.shape["data"]
-                                           * sampler.mesh.shape["fsdp"])
-  size = shards // math.gcd(shards, jax.process_count())
-  while size < count:
-    size *= 2
-  return min(size, slots)
+def _spread(free: list[int], count: int, slots: int, shards: int) -> list[int]:
+  """`count` of the free slots, taken in turn from each device's block of
+  slots (the process's `shards` devices hold slots / shards each): a prompt
+  is prefilled on the device of its slot (sampling.Slots.insert), so an
+  insert needs as many rows a device as the busiest device gets prompts."""
+  each = slots // shards
+  by_device = [[s for s in free if s // each == d] for d in range(shards)]
+  turns = itertools.chain.from_iterable(itertools.zip_longest(*by_device))
+  return [s for s in turns if s is not None][:count]
+
+
+def _rows_each(chosen: list[int], slots: int, shards: int) -> int:
+  """An insert's rows a device for the chosen slots: a power of two (few
+  shapes), at least the most prompts one device gets."""
+  each = slots // shards
+  busiest = np.bincount(np.asarray(chosen, int) // each, minlength=shards).max()
+  return min(2 ** math.ceil(math.log2(max(busiest, 1))), each)
 
 
 def _fill(sampler: sampling.Sampler, slots: sampling.Slots | None,
-          new: list[Prompt], free: list[int], position: int, count: int,
+          new: list[Prompt], chosen: list[int], position: int, rows_each: int,
           longest: int, any_video: bool, params: sampling.SamplingParams, *,
           batch_size: int, num_samples: int, seed: int, pad_id: int,
           buckets: Sequence[int]) -> sampling.Slots:
   """Prefills the prompts `new` (stream positions from `position`) into the
-  free slots, making the slots at the first call and widening them to a
-  longer bucket; count, longest and any_video are agreed over processes."""
+  chosen slots, rows_each rows a device, each prompt in a row of its slot's
+  device; makes the slots at the first call and widens them to a longer
+  bucket. rows_each, longest and any_video are agreed over processes."""
   offset = sampler.video.num_tokens if any_video else 0
   width = batching.bucket_length(longest, buckets, offset)
   if slots is None:
     slots = sampler.slots(batch_size, width, params, num_samples=num_samples,
                           seed=seed)
   slots.widen(width)
-  size = _insert_size(sampler, count, batch_size)
-  rows = batching.PromptBatch(*batching.pad(
-      [np.asarray(p.token_ids, np.int32) for p in new], width, pad_id,
-      left=True, batch_size=size))
-  videos = (_videos(new, size, position, sampler.video.frames_shape)
-            if any_video else None)
-  into, uids = np.full(size, -1), np.zeros(size, np.int32)
-  into[:len(new)] = free[:len(new)]
-  uids[:len(new)] = [prompt_uid(p, position + i) for i, p in enumerate(new)]
+  shards = sampler.row_shards
+  next_row = [d * rows_each for d in range(shards)]  # device d's rows come next
+  row_of = []  # each new prompt's row
+  for s in chosen:
+    device = s // (batch_size // shards)
+    row_of.append(next_row[device])
+    next_row[device] += 1
+  size = shards * rows_each
+  into = np.full(size, -1)
+  into[row_of] = chosen
+  ids = [None] * size
+  uids = np.zeros(size, np.int32)
+  for i, (p, row) in enumerate(zip(new, row_of)):
+    ids[row] = np.asarray(p.token_ids, np.int32)
+    uids[row] = prompt_uid(p, position + i)
+  rows = batching.PromptBatch(*batching.pad(ids, width, pad_id, left=True))
+  videos = None
+  if any_video:
+    videos = np.zeros((size, *sampler.video.frames_shape), np.float32)
+    videos[row_of] = _videos(new, len(new), position, sampler.video.frames_shape)
   slots.insert(rows.prompt_ids, rows.prompt_mask, videos, into, uids)
   return slots
 
@@ -265,16 +285,18 @@ def _continuous(sampler: sampling.Sampler, prompts: Iterable[Prompt],
     free = [s for s, p in enumerate(held) if p is None]
     new = [] if exhausted else list(itertools.islice(stream, len(free)))
     exhausted = exhausted or len(new) < len(free)
-    count, longest, any_video, busy, more = _agreed(np.array([
-        len(new), max((len(p.token_ids) for p in new), default=1),
+    chosen = _spread(free, len(new), len(held), sampler.row_shards)
+    count, rows_each, longest, any_video, busy, more = _agreed(np.array([
+        len(new), _rows_each(chosen, len(held), sampler.row_shards),
+        max((len(p.token_ids) for p in new), default=1),
         any(p.video is not None for p in new), len(free) < len(held),
         not exhausted]))
     if not count and not busy:
       return
     if count:
-      slots = _fill(sampler, slots, new, free, position, count, longest,
+      slots = _fill(sampler, slots, new, chosen, position, rows_each, longest,
                     any_video, params, **kwargs)
-      for i, s in enumerate(free[:len(new)]):
+      for i, s in enumerate(chosen):
         held[s] = position + i
       position += len(new)
     out, done = slots.run(drain=not more)

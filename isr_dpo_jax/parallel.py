@@ -5,6 +5,7 @@ below map those names onto mesh axes. Parameters are loaded straight into their
 shardings (models.load_pretrained): never one full host copy of the model.
 """
 from collections.abc import Sequence
+import functools
 import math
 
 import flax.core.spmd
@@ -65,6 +66,19 @@ def shard_rows(x: jax.Array) -> jax.Array:
     return x
   spec = P(BATCH_AXES, *[P.UNCONSTRAINED] * (x.ndim - 1))
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def on_mesh(fn, mesh: jax.sharding.Mesh | None):
+  """`fn`, traced under `mesh` (when there is one) so that the model's layers
+  keep their activations' rows on the batch axes (`shard_rows`)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced_on_mesh(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced_on_mesh
 
 
 def state_shardings(state, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES):

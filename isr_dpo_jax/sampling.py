@@ -35,6 +35,7 @@ are its own. Prompts with suffixes (a judge's orders) run in static batches
 only (`Sampler.__call__`).
 """
 import functools
+import math
 
 import flax.struct
 import jax
@@ -407,7 +408,8 @@ def _insert(graphdef, mesh, cache_dtype, state, carry: _Decoding, ids_KxL,
             params: SamplingParams, num_samples):
   """Prefills K left-padded prompts and puts them in the carry's prompt
   slots groups_K (a slot past the last: a dummy row, dropped), their first
-  tokens sampled; the other slots keep running untouched.
+  tokens sampled; the other slots keep running untouched. Each prompt's
+  slot is on the device that holds its row (see `_put_slots`).
 
   A prompt's keys are left-padded to the carry's prefix width and its rows'
   own slots start empty, so it decodes as it would alone (see `_forward`).
@@ -429,24 +431,51 @@ def _insert(graphdef, mesh, cache_dtype, state, carry: _Decoding, ids_KxL,
       cache=None,
       keys=jax.random.key_data(_sample_keys(seed, uids_K, 0, num_samples)))
   fresh = _record(fresh, logits_RxV, params)
-  rows_R = (groups_K[:, None] * num_samples
-            + jnp.arange(num_samples)).reshape(-1)
-  put = lambda at: lambda old, new: old.at[at].set(new, mode="drop")
   rows_of = lambda c: (c.out, c.done, c.last_tokens, c.positions, c.valid,
                        c.keys)
-  out, done, last_tokens, positions, valid, keys = jax.tree.map(
-      put(rows_R), rows_of(carry), rows_of(fresh))
   left = lambda x, axis: jnp.pad(x, [(width - x.shape[axis], 0) if a == axis
                                      else (0, 0) for a in range(x.ndim)])
-  running = carry.cache
-  running = running.replace(
-      prefix_keys=tuple(put(groups_K)(old, left(new, 3)) for old, new in zip(
-          running.prefix_keys, cache.prefix_keys)),
-      prefix_values=tuple(put(groups_K)(old, left(new, 2)) for old, new in zip(
-          running.prefix_values, cache.prefix_values)))
+  prefixes_of = lambda c: (c.prefix_keys, c.prefix_values)
+  new_prefixes = (tuple(left(k, 3) for k in cache.prefix_keys),
+                  tuple(left(v, 2) for v in cache.prefix_values))
+  (out, done, last_tokens, positions, valid, keys), (prefix_keys, prefix_values) = (
+      _put_slots(mesh, (rows_of(carry), prefixes_of(carry.cache)),
+                 (rows_of(fresh), new_prefixes), groups_K, num_samples))
   carry = _Decoding(out=out, done=done, last_tokens=last_tokens,
-                    positions=positions, valid=valid, cache=running, keys=keys)
+                    positions=positions, valid=valid, keys=keys,
+                    cache=carry.cache.replace(prefix_keys=prefix_keys,
+                                              prefix_values=prefix_values))
   return _shard_rows(carry, mesh)
+
+
+def _put_slots(mesh, olds, news, groups_K, num_samples):
+  """olds = (rows, prefixes) with prompt slots groups_K (global indices; one
+  past the last: a dummy, dropped) set from news' K prompts: a slot's
+  num_samples rows and its prompt's keys.
+
+  On a mesh every device writes its own prompts into its own slots
+  (shard_map): a scatter with data-dependent indices into row-sharded arrays
+  otherwise gathers every device's new rows to each one (a v5e-16's whole
+  batch of 7B prompt keys, 1 GiB a layer). So the caller puts each prompt on
+  the device of its slot (`Slots.insert` checks that); a prompt for another
+  device's slot would be dropped.
+  """
+  def put(olds, news, groups_K):
+    rows, prefixes = olds
+    slots = jax.tree.leaves(prefixes)[0].shape[0]
+    first = 0 if mesh is None else jax.lax.axis_index(parallel.BATCH_AXES) * slots
+    local_K = groups_K - first
+    local_K = jnp.where((local_K >= 0) & (local_K < slots), local_K, slots)
+    rows_R = (local_K[:, None] * num_samples + jnp.arange(num_samples)).reshape(-1)
+    set_at = lambda at: lambda old, new: old.at[at].set(new, mode="drop")
+    return (jax.tree.map(set_at(rows_R), rows, news[0]),
+            jax.tree.map(set_at(local_K), prefixes, news[1]))
+
+  if mesh is None:
+    return put(olds, news, groups_K)
+  rows = P(parallel.BATCH_AXES)
+  return jax.shard_map(put, mesh=mesh, in_specs=rows, out_specs=rows,
+                       axis_names=set(parallel.BATCH_AXES))(olds, news, groups_K)
 
 
 def _resume(graphdef, mesh, state, carry: _Decoding, drain, *,
@@ -473,21 +502,25 @@ class Sampler:
     graphdef, self.state = nnx.split(model)
     self.mesh = mesh
     self._rows = None if mesh is None else NamedSharding(mesh, P(parallel.BATCH_AXES))
+    # Traced under the mesh, the model keeps its rows split (shard_rows):
+    # else XLA may gather every chip's prompts to each weight shard.
+    on_mesh = lambda fn, *args: functools.partial(
+        parallel.on_mesh(fn, mesh), graphdef, mesh, *args)
     self._prefill = jax.jit(
-        functools.partial(_prefill, graphdef, mesh, cache_dtype),
+        on_mesh(_prefill, cache_dtype),
         static_argnames=("num_samples", "max_new_tokens"))
     self._decode = jax.jit(
-        functools.partial(_decode, graphdef, mesh),
-        static_argnames=("params", "num_samples"), donate_argnames=("carry",))
-    self._score = jax.jit(functools.partial(_score, graphdef, mesh, cache_dtype))
+        on_mesh(_decode), static_argnames=("params", "num_samples"),
+        donate_argnames=("carry",))
+    self._score = jax.jit(on_mesh(_score, cache_dtype))
     self._empty = jax.jit(
         functools.partial(_empty, graphdef, mesh, cache_dtype),
         static_argnames=("num_samples", "max_new_tokens"))
     self._widen = jax.jit(_widen, static_argnames="width")
     self._insert = jax.jit(
-        functools.partial(_insert, graphdef, mesh, cache_dtype),
+        on_mesh(_insert, cache_dtype),
         static_argnames=("params", "num_samples"), donate_argnames="carry")
-    self._resume = jax.jit(functools.partial(_resume, graphdef, mesh),
+    self._resume = jax.jit(on_mesh(_resume),
                            static_argnames=("params", "num_samples"),
                            donate_argnames="carry")
 
@@ -511,6 +544,15 @@ class Sampler:
     index = jax.make_array_from_callback(
         (rows,), self._rows, lambda where: np.arange(rows, dtype=np.int32)[where])
     return self._fetch(index)
+
+  @property
+  def row_shards(self) -> int:
+    """The devices this process's rows of a batch split over, in order: a
+    batch's rows per process are a multiple of it."""
+    if self.mesh is None:
+      return 1
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    return shards // math.gcd(shards, jax.process_count())
 
   def _check_rows(self, batch: int):
     if self.mesh is not None:
@@ -603,10 +645,26 @@ class Slots:
 
   def insert(self, ids_KxL, mask_KxL, videos, slots_K, uids_K):
     """Prefills K left-padded prompts (L <= width) into this process's slots
-    slots_K (-1: a dummy row), their first tokens sampled."""
+    slots_K (-1: a dummy row), their first tokens sampled.
+
+    A prompt goes to a slot on its own device: with the rows and the slots
+    each split into `row_shards` equal blocks, row k's slot must be in the
+    block of the same index.
+    """
     sampler = self._sampler
     sampler._check_rows(len(ids_KxL))
     slots_K = np.asarray(slots_K)
+    shards = sampler.row_shards
+    rows_each, slots_each = len(slots_K) // shards, len(self._groups) // shards
+    elsewhere = np.flatnonzero(
+        (slots_K >= 0)
+        & (slots_K // slots_each != np.arange(len(slots_K)) // rows_each))
+    if elsewhere.size:
+      raise ValueError(
+          f"rows {elsewhere.tolist()} would go to slots "
+          f"{slots_K[elsewhere].tolist()} on other devices: device d of "
+          f"{shards} prefills rows [{rows_each}d, {rows_each}(d + 1)) and holds "
+          f"slots [{slots_each}d, {slots_each}(d + 1))")
     groups_K = np.where(slots_K < 0, len(self._carry.done) // self.num_samples,
                         self._groups[slots_K]).astype(np.int32)
     self._carry = sampler._insert(

@@ -296,26 +296,19 @@ class Trainer:
         self._encode_video, in_shardings=(params_sh, batch_sharding),
         out_shardings=batch_sharding)
     self.pair_logps = jax.jit(
-        self._on_mesh(self._pair_logps), in_shardings=(params_sh, batch_sharding, batch_sharding),
-        out_shardings=batch_sharding)
+        parallel.on_mesh(self._pair_logps, self.mesh),
+        in_shardings=(params_sh, batch_sharding, batch_sharding), out_shardings=batch_sharding)
     self.dpo_step = jax.jit(
-        self._on_mesh(self._dpo_step), donate_argnums=0, out_shardings=(state_sh, replicated),
+        parallel.on_mesh(self._dpo_step, self.mesh), donate_argnums=0,
+        out_shardings=(state_sh, replicated),
         in_shardings=(state_sh,) + (batch_sharding,) * 4 + base_sh)
     self.sft_step = jax.jit(
-        self._on_mesh(self._sft_step), donate_argnums=0, out_shardings=(state_sh, replicated),
+        parallel.on_mesh(self._sft_step, self.mesh), donate_argnums=0,
+        out_shardings=(state_sh, replicated),
         in_shardings=(state_sh, batch_sharding, batch_sharding) + base_sh)
     self.merge_adapters = jax.jit(
         self._merge_adapters, in_shardings=(params_sh, trained_shardings),
         out_shardings=params_sh)
-
-  def _on_mesh(self, fn):
-    """`fn`, traced under this mesh so that the model's layers keep their
-    activations' rows on the batch axes (parallel.shard_rows)."""
-    @functools.wraps(fn)
-    def on_mesh(*args):
-      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
-        return fn(*args)
-    return on_mesh
 
   # -- state ------------------------------------------------------------------
 

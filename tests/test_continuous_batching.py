@@ -7,6 +7,7 @@ import tolerance
 
 from isr_dpo_jax import generate
 from isr_dpo_jax import models
+from isr_dpo_jax import parallel
 from isr_dpo_jax import sampling
 
 STOPS = (2, 7, 11, 13, 17, 19, 23, 29)  # ~1 in 12 ids: rows stop at many lengths
@@ -16,10 +17,15 @@ GREEDY = sampling.SamplingParams(temperature=0, max_new_tokens=12, stop_ids=STOP
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp("hf")
   ref.tiny_model(seed=8, num_kv_heads=2).save_pretrained(path)
-  return models.load_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+  return models.load_pretrained(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +113,24 @@ def test_refilling_slots_does_not_retrace(model, tokenizer, monkeypatch):
   assert first > 0
   run(_prompts(fresh, [7, 2, 11, 6, 13, 3, 8, 10, 5, 9, 4, 12], seed=7))
   assert len(traces) == first
+
+
+def test_each_device_prefills_the_prompts_of_its_own_slots(checkpoint, sampler, tokenizer):
+  """On 4 data shards of 2 slots each (x 2 tensor shards), every prompt is
+  prefilled on its slot's devices (the insert writes no other shard's slots):
+  the samples are one device's, and a row meant for another shard's slot is
+  refused."""
+  mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
+  sharded = sampling.Sampler(models.load_pretrained(checkpoint, mesh=mesh), mesh)
+  prompts = _prompts(sampler, [3, 2, 9, 5, 14, 27, 4, 20, 6, 7, 3, 11], seed=9)
+  run = lambda engine: [s for r in generate.generate(
+      engine, prompts, SAMPLED, tokenizer=tokenizer, batch_size=8, num_samples=2,
+      seed=2, buckets=(8, 16, 32), progress=False) for s in r]
+  for got, want in zip(run(sharded), run(sampler), strict=True):
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    tolerance.assert_close(got.logprob, want.logprob)
+
+  slots = sharded.slots(8, 8, SAMPLED, num_samples=2)
+  ids = np.ones((4, 8), np.int32)
+  with pytest.raises(ValueError, match=r"rows \[0\] would go to slots \[2\] on other"):
+    slots.insert(ids, ids > 0, None, [2, 3, 4, 6], np.arange(4))

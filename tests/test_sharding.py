@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
+from isr_dpo_jax import sampling
 from isr_dpo_jax import train
 from isr_dpo_jax.data import batching
 
@@ -119,3 +120,59 @@ def test_the_output_heads_backward_gathers_no_logits(checkpoint):
   vocab = str(model.language_model.config.vocab_size)
   logits = [s for s in gathered if len(s.split(",")) == 3 and s.endswith(vocab)]
   assert logits == []
+
+
+
+def test_sampling_pins_each_decoder_layers_rows(checkpoint):
+  """The sampler traces the model under its mesh, so that a prefill's and a
+  decode step's layers keep each device's own rows. Left free on a v5e-16,
+  XLA brought all 32 prompts to every FSDP weight shard: a [32, 4104, 11008]
+  activation a chip (2.7 GiB) in each layer of a 7B prefill."""
+  mesh = parallel.make_mesh({"fsdp": 8})
+  model = models.load_pretrained(checkpoint, mesh=mesh)
+  sampler = sampling.Sampler(model, mesh)
+  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
+  prompts, length, n = 8, model.video.num_tokens + 6, 2
+  tokens = jax.ShapeDtypeStruct((prompts, length), jnp.int32, sharding=rows)
+  videos = jax.ShapeDtypeStruct((prompts, *model.video.frames_shape), jnp.float32,
+                                sharding=rows)
+  prefill = sampler._prefill.trace(sampler.state, tokens, tokens, videos, num_samples=n,
+                                   max_new_tokens=4)
+  scalar = jax.ShapeDtypeStruct((), jnp.int32)
+  decode = sampler._decode.trace(
+      sampler.state, *prefill.out_info, scalar, tokens.update(shape=(prompts,)), scalar,
+      params=sampling.SamplingParams(max_new_tokens=4), num_samples=n)
+  hidden = model.language_model.config.hidden_size
+  layers = len(model.language_model.layers)
+  for traced, layer_input in [(prefill, f"{prompts}x{length}x{hidden}"),
+                              (decode, f"{prompts * n}x1x{hidden}")]:
+    pinned = re.findall(r'sharding_constraint [^\n]*\[\{"data", "fsdp"\}[^\n]*'
+                        rf"tensor<{layer_input}xf32>", traced.lower().as_text())
+    assert len(pinned) == layers
+
+
+def test_an_insert_moves_no_prompt_keys_between_devices(checkpoint):
+  """Continuous batching puts each new prompt's keys into a slot on its own
+  device. A scatter into row-sharded slots gathered every device's new keys
+  to each (a v5e-16's batch of 7B prompts: 1 GiB a layer)."""
+  mesh = parallel.make_mesh({"fsdp": 8})
+  sampler = sampling.Sampler(models.load_pretrained(checkpoint, mesh=mesh), mesh)
+  rows = NamedSharding(mesh, P(parallel.BATCH_AXES))
+  slots, prompts, length = 16, 8, sampler.video.num_tokens + 6
+  tokens = lambda b: jax.ShapeDtypeStruct((b, length), jnp.int32, sharding=rows)
+  carry = sampler._empty.trace(sampler.state, tokens(slots), tokens(slots), None,
+                               num_samples=2, max_new_tokens=4).out_info
+  videos = jax.ShapeDtypeStruct((prompts, *sampler.video.frames_shape), jnp.float32,
+                                sharding=rows)
+  per_prompt = jax.ShapeDtypeStruct((prompts,), jnp.int32, sharding=rows)
+  text = sampler._insert.trace(
+      sampler.state, carry, tokens(prompts), tokens(prompts), videos, per_prompt,
+      jax.ShapeDtypeStruct((), jnp.int32), per_prompt,
+      params=sampling.SamplingParams(max_new_tokens=4),
+      num_samples=2).lower().compile().as_text()
+  gathered = re.findall(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", text)
+  assert gathered  # FSDP's weight gathers: the pattern sees all-gathers
+  cache = carry.cache
+  prompt_keys = {",".join(map(str, (prompts, *c[0].shape[1:])))
+                 for c in (cache.prefix_keys, cache.prefix_values)}
+  assert not prompt_keys & set(gathered)
