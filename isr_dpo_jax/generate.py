@@ -213,23 +213,25 @@ def _static(sampler: sampling.Sampler, prompts: Iterable[Prompt],
       yield b.position + i, out, i * num_samples
 
 
-def _spread(free: list[int], count: int, slots: int, shards: int) -> list[int]:
+def _spread(sampler: sampling.Sampler, free: list[int], count: int,
+            slots: int) -> list[int]:
   """`count` of the free slots, taken in turn from each device's block of
-  slots (the process's `shards` devices hold slots / shards each): a prompt
-  is prefilled on the device of its slot (sampling.Slots.insert), so an
-  insert needs as many rows a device as the busiest device gets prompts."""
-  each = slots // shards
-  by_device = [[s for s in free if s // each == d] for d in range(shards)]
+  slots (Sampler.slot_devices): a prompt is prefilled on the device of its
+  slot (sampling.Slots.insert), so an insert needs as many rows a device as
+  the busiest device gets prompts."""
+  devices = sampler.slot_devices(free, slots)
+  by_device = [[s for s, d in zip(free, devices) if d == device]
+               for device in range(sampler.row_shards)]
   turns = itertools.chain.from_iterable(itertools.zip_longest(*by_device))
   return [s for s in turns if s is not None][:count]
 
 
-def _rows_each(chosen: list[int], slots: int, shards: int) -> int:
+def _rows_each(sampler: sampling.Sampler, chosen: list[int], slots: int) -> int:
   """An insert's rows a device for the chosen slots: a power of two (few
   shapes), at least the most prompts one device gets."""
-  each = slots // shards
-  busiest = np.bincount(np.asarray(chosen, int) // each, minlength=shards).max()
-  return min(2 ** math.ceil(math.log2(max(busiest, 1))), each)
+  shards = sampler.row_shards
+  busiest = np.bincount(sampler.slot_devices(chosen, slots), minlength=shards).max()
+  return min(2 ** math.ceil(math.log2(max(busiest, 1))), slots // shards)
 
 
 def _fill(sampler: sampling.Sampler, slots: sampling.Slots | None,
@@ -250,8 +252,7 @@ def _fill(sampler: sampling.Sampler, slots: sampling.Slots | None,
   shards = sampler.row_shards
   next_row = [d * rows_each for d in range(shards)]  # device d's rows come next
   row_of = []  # each new prompt's row
-  for s in chosen:
-    device = s // (batch_size // shards)
+  for device in sampler.slot_devices(chosen, batch_size):
     row_of.append(next_row[device])
     next_row[device] += 1
   size = shards * rows_each
@@ -285,9 +286,9 @@ def _continuous(sampler: sampling.Sampler, prompts: Iterable[Prompt],
     free = [s for s, p in enumerate(held) if p is None]
     new = [] if exhausted else list(itertools.islice(stream, len(free)))
     exhausted = exhausted or len(new) < len(free)
-    chosen = _spread(free, len(new), len(held), sampler.row_shards)
+    chosen = _spread(sampler, free, len(new), len(held))
     count, rows_each, longest, any_video, busy, more = _agreed(np.array([
-        len(new), _rows_each(chosen, len(held), sampler.row_shards),
+        len(new), _rows_each(sampler, chosen, len(held)),
         max((len(p.token_ids) for p in new), default=1),
         any(p.video is not None for p in new), len(free) < len(held),
         not exhausted]))

@@ -554,6 +554,11 @@ class Sampler:
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     return shards // math.gcd(shards, jax.process_count())
 
+  def slot_devices(self, slots_K, slots: int) -> np.ndarray:
+    """Which of the `row_shards` devices holds each of slots_K, of this
+    process's `slots` prompt slots (equal blocks, in order)."""
+    return np.asarray(slots_K, int) // (slots // self.row_shards)
+
   def _check_rows(self, batch: int):
     if self.mesh is not None:
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -657,8 +662,8 @@ class Slots:
     shards = sampler.row_shards
     rows_each, slots_each = len(slots_K) // shards, len(self._groups) // shards
     elsewhere = np.flatnonzero(
-        (slots_K >= 0)
-        & (slots_K // slots_each != np.arange(len(slots_K)) // rows_each))
+        (slots_K >= 0) & (sampler.slot_devices(slots_K, len(self._groups))
+                          != np.arange(len(slots_K)) // rows_each))
     if elsewhere.size:
       raise ValueError(
           f"rows {elsewhere.tolist()} would go to slots "
