@@ -12,6 +12,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from isr_dpo_jax import models
 from isr_dpo_jax.models import config as config_lib
 from isr_dpo_jax.models import layers
+from isr_dpo_jax.models import llama
 from isr_dpo_jax.models.llama import rope_inverse_frequencies
 
 ROPE = {
@@ -108,3 +109,27 @@ def test_long_attention_backward_holds_less_than_its_logits():
       jnp.float32).sum(), argnums=(0, 1, 2))
   memory = jax.jit(grad).lower(q, q, q, mask).compile().memory_analysis()
   assert memory.temp_size_in_bytes < 4 * 4096 * 4096 * 4
+
+
+def test_many_tokens_on_a_cache_attend_in_blocks_as_transformers_does(pair, monkeypatch):
+  """Two 11-token suffixes of one prefilled prompt (a judge's two orders) in
+  blocks of 4 queries, the last padded: the whole rows' logits in transformers."""
+  hf, model = pair
+  monkeypatch.setattr(llama, "CACHED_QUERY_BLOCK", 4)
+  text = model.language_model
+  rng = np.random.default_rng(2)
+  prompt = rng.integers(3, ref.IMAGE_ID, (1, 6))
+  suffixes = rng.integers(3, ref.IMAGE_ID, (2, 11))
+  suffix_mask = np.ones_like(suffixes, bool)
+  suffix_mask[1, :3] = False  # the second order is shorter: left-padded
+  _, cache = text.prefill(text.embed(jnp.asarray(prompt)), jnp.arange(6)[None],
+                          jnp.ones((1, 6), bool), max_len=6 + 11, num_samples=2)
+  valid_NxS = np.concatenate([np.ones((2, 6), bool), suffix_mask], axis=1)
+  positions_NxM = 6 + np.cumsum(suffix_mask, axis=1) - 1
+  got, _ = text(text.embed(jnp.asarray(suffixes)), jnp.asarray(positions_NxM),
+                jnp.asarray(valid_NxS), cache)
+  whole = np.concatenate([prompt.repeat(2, axis=0), suffixes], axis=1)
+  want = ref.logits(hf, whole, valid_NxS.astype(np.int64))
+  for row in range(2):
+    real = suffix_mask[row]
+    tolerance.assert_close(got[row][real], want[row, 6:][real])

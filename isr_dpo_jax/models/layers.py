@@ -69,21 +69,31 @@ def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS=None) -> jax.Array:
   length = q_BxTxNxH.shape[1]
   if length <= QUERY_BLOCK:
     return _attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
-  blocks = -(-length // QUERY_BLOCK)
-  size = -(-length // blocks)
-  pad = blocks * size - length  # padded queries see no key; dropped below
   if mask_BxTxS is None:
     mask_BxTxS = jnp.ones((1, length, k_BxSxKxH.shape[1]), bool)
+  one_block = jax.checkpoint(lambda q, mask: _attention(q, k_BxSxKxH, v_BxSxKxH, mask))
+  return in_query_blocks(one_block, q_BxTxNxH, mask_BxTxS, QUERY_BLOCK)
+
+
+def in_query_blocks(attend, q_BxTxNxH, mask_BxTxS, block: int) -> jax.Array:
+  """attend(q, mask) -> [B, T, N, H] over blocks of at most `block` queries.
+
+  The blocks run one after another as a `lax.map`, so only one block's
+  logits exist at a time (a Python loop of blocks leaves XLA free to run
+  them all at once). Queries are padded to whole blocks with rows that see no
+  key, and dropped. The mask's batch axis may be 1.
+  """
+  length = q_BxTxNxH.shape[1]
+  if length <= block:
+    return attend(q_BxTxNxH, mask_BxTxS)
+  blocks = -(-length // block)
+  size = -(-length // blocks)
+  pad = blocks * size - length
   q_BxTxNxH = jnp.pad(q_BxTxNxH, ((0, 0), (0, pad), (0, 0), (0, 0)))
   mask_BxTxS = jnp.pad(mask_BxTxS, ((0, 0), (0, pad), (0, 0)))
   by_block = lambda x: x.reshape(x.shape[0], blocks, size, *x.shape[2:]).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def one_block(q_and_mask):
-    q_BxCxNxH, mask_BxCxS = q_and_mask
-    return _attention(q_BxCxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxCxS)
-
-  out_PxBxCxNxH = jax.lax.map(one_block, (by_block(q_BxTxNxH), by_block(mask_BxTxS)))
+  out_PxBxCxNxH = jax.lax.map(lambda q_mask: attend(*q_mask),
+                              (by_block(q_BxTxNxH), by_block(mask_BxTxS)))
   out_BxTxNxH = out_PxBxCxNxH.swapaxes(0, 1).reshape(q_BxTxNxH.shape)
   return out_BxTxNxH[:, :length]
 

@@ -68,6 +68,11 @@ class KVCache:
 
 # Queries per attention block in a prefill (see `attention`): 64-128 ran best.
 PREFILL_QUERY_BLOCK = 96
+# Queries per attention block of a call of many tokens on a cache (a judge's
+# suffixes). In one block a 7B judge's 2 x 2,048-token suffixes over a
+# 4,104-token prefix held [2, 2, 32, 2048, 4104] float32 logits, 4 GiB a
+# layer, and did not fit a v5e chip (docs/scale.md).
+CACHED_QUERY_BLOCK = 256
 
 
 def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
@@ -213,7 +218,12 @@ class Attention(nnx.Module):
       kv = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (0, 0, index, 0))
                  for c, new in zip(kv, kv_new))
     k, v = (c.astype(q.dtype) for c in kv)
-    out = attention(q, k, v, mask_BxLxS, prefix=prefix, query_blocks=query_blocks or 1)
+    if query_blocks is None:  # over a cache
+      out = layers.in_query_blocks(
+          lambda q, mask: attention(q, k, v, mask, prefix=prefix), q, mask_BxLxS,
+          CACHED_QUERY_BLOCK)
+    else:
+      out = attention(q, k, v, mask_BxLxS, query_blocks=query_blocks)
     return self.o_proj(layers.merge_heads(out)), kv
 
 
