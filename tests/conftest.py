@@ -28,6 +28,12 @@ import pytest  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
+# Compiling for a TPU topology (isr_dpo_jax.plan) needs libtpu.
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install 'isr_dpo_jax[tpu]'; it has "
+           "wheels for Linux x86_64 only)")
+
 
 def load_config(name: str, **overrides):
   """configs/<name>.py's config, with flattened overrides ("self_judge.threshold")."""

@@ -1,4 +1,5 @@
 """The LLaMA decoder against transformers: rotary scaling, tied head, explicit masks."""
+import conftest
 import hf_reference as ref
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from isr_dpo_jax import models
+from isr_dpo_jax import plan
 from isr_dpo_jax.models import config as config_lib
 from isr_dpo_jax.models import layers
 from isr_dpo_jax.models import llama
@@ -133,3 +135,26 @@ def test_many_tokens_on_a_cache_attend_in_blocks_as_transformers_does(pair, monk
   for row in range(2):
     real = suffix_mask[row]
     tolerance.assert_close(got[row][real], want[row, 6:][real])
+
+
+@conftest.needs_libtpu
+def test_a_long_suffix_on_a_cache_holds_less_than_a_blocks_logits_on_tpu():
+  """4 suffixes of 1,024 tokens over a 2,048-token prefix and their own keys,
+  compiled for a v5e chip: the temporaries stay below half of one query
+  block's float32 logits. With the prefix's and the own keys' logits
+  concatenated they were a whole block's (96 MiB here): XLA:TPU kept the
+  copies that XLA:CPU fuses away."""
+  device = plan.target("v5e:1x1").devices[0]
+  rows, heads, head_dim, prefix_len, own = 4, 16, 128, 2048, 1024
+  shape = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(
+      s, dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+  q = shape(rows, own, heads, head_dim)
+  k = shape(rows, heads, own, head_dim)
+  prefix = (shape(2, heads, head_dim, prefix_len), shape(2, heads, prefix_len, head_dim))
+  mask = shape(rows, own, prefix_len + own, dtype=bool)
+  attend = lambda q, k, v, mask, prefix: layers.in_query_blocks(
+      lambda q, m: llama.attention(q, k, v, m, prefix=prefix), q, mask,
+      llama.CACHED_QUERY_BLOCK)
+  memory = jax.jit(attend).lower(q, k, k, mask, prefix).compile().memory_analysis()
+  block_logits = rows * heads * llama.CACHED_QUERY_BLOCK * (prefix_len + own) * 4
+  assert memory.temp_size_in_bytes < block_logits / 2

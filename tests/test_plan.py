@@ -26,10 +26,7 @@ PROGRAMS = ["answers slots", "answers prefill", "answers decode",
             "judge score", "train video features",
             "reference log-probs", "dpo update", "sft video features",
             "sft update"]
-needs_libtpu = pytest.mark.skipif(
-    importlib.util.find_spec("libtpu") is None,
-    reason="libtpu is not installed (pip install 'isr_dpo_jax[tpu]'; it has "
-           "wheels for Linux x86_64 only)")
+needs_libtpu = conftest.needs_libtpu
 
 
 def tiny_config():

@@ -72,7 +72,7 @@ PREFILL_QUERY_BLOCK = 96
 # suffixes). In one block a 7B judge's 2 x 2,048-token suffixes over a
 # 4,104-token prefix held [2, 2, 32, 2048, 4104] float32 logits, 4 GiB a
 # layer, and did not fit a v5e chip (docs/scale.md).
-CACHED_QUERY_BLOCK = 256
+CACHED_QUERY_BLOCK = 128
 
 
 def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
@@ -147,23 +147,37 @@ def attention(q_BxLxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxLxS, *, prefix=None,
   # over a shared prefix several times slower.
   dot = lambda spec, x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
   logits = dot("bkglh,bksh->bkgls", q_BxKxGxLxH, k_BxKxSxH)
+  mask_BxKxGxLxS = jnp.broadcast_to(mask_BxLxS, (b, *mask_BxLxS.shape[1:]))[:, None, None]
+  own = k_BxKxSxH.shape[2]
+  logits = _masked(logits, mask_BxKxGxLxS[..., -own:])
+  peak_BxKxGxLx1 = jnp.max(logits, axis=-1, keepdims=True)
   if prefix is not None:
+    # The prompt's keys and the row's own are softmaxed as one, without
+    # concatenating their logits: a judge's 2,048-token suffixes made XLA:TPU
+    # keep several float32 copies of [rows, 32, queries, prefix + own].
     prefix_k, prefix_v = prefix
     r = b // prefix_k.shape[0]
-    prefix_logits = dot("pkgrlh,pkhs->pkgrls", _by_prefix(q_BxKxGxLxH, r), prefix_k)
-    logits = jnp.concatenate([_by_row(prefix_logits), logits], axis=-1)
-  logits = jnp.where(mask_BxLxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  weights_BxKxGxLxS = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    prefix_logits = _masked(
+        dot("pkgrlh,pkhs->pkgrls", _by_prefix(q_BxKxGxLxH, r), prefix_k),
+        _by_prefix(mask_BxKxGxLxS[..., :-own], r))
+    peak_BxKxGxLx1 = jnp.maximum(
+        peak_BxKxGxLx1, _by_row(jnp.max(prefix_logits, axis=-1, keepdims=True)))
+  weights_BxKxGxLxS = jnp.exp(logits - peak_BxKxGxLx1)
   total_BxKxGxL = jnp.sum(weights_BxKxGxLxS, axis=-1)
-  weights_BxKxGxLxS = weights_BxKxGxLxS.astype(v_BxKxSxH.dtype)
-  own = weights_BxKxGxLxS[..., -k_BxKxSxH.shape[2]:]
-  out_BxKxGxLxH = dot("bkgls,bksh->bkglh", own, v_BxKxSxH)
+  out_BxKxGxLxH = dot("bkgls,bksh->bkglh", weights_BxKxGxLxS.astype(v_BxKxSxH.dtype),
+                      v_BxKxSxH)
   if prefix is not None:
-    prefix_w = _by_prefix(weights_BxKxGxLxS[..., :prefix_v.shape[2]], r)
-    out_BxKxGxLxH += _by_row(dot("pkgrls,pksh->pkgrlh", prefix_w, prefix_v))
+    prefix_w = jnp.exp(prefix_logits - _by_prefix(peak_BxKxGxLx1, r))
+    total_BxKxGxL += _by_row(jnp.sum(prefix_w, axis=-1))
+    out_BxKxGxLxH += _by_row(dot("pkgrls,pksh->pkgrlh", prefix_w.astype(v_BxKxSxH.dtype),
+                                 prefix_v))
   out_BxKxGxLxH /= total_BxKxGxL[..., None]
   out_BxLxNxH = out_BxKxGxLxH.transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
   return out_BxLxNxH.astype(q_BxLxNxH.dtype)
+
+
+def _masked(logits, mask):
+  return jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
 
 
 def _by_prefix(x_BxKxG_, r: int):
