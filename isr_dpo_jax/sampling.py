@@ -183,12 +183,6 @@ def _shard_rows(tree, mesh):
   return jax.tree.map(constrain, tree)
 
 
-def _embedded_prompts(model, ids_BxL, videos):
-  """The prompts' input embeddings [B, L, D], their videos encoded."""
-  feats_BxNxD = None if videos is None else model.encode_video(videos)
-  return model.embed(ids_BxL, feats_BxNxD)
-
-
 def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len, cache_dtype,
                    num_samples):
   """Runs left-padded prompts into a new cache of cache_len slots (the
@@ -198,52 +192,23 @@ def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len, cache_dtype,
   puts every row's last token at the end, so the output head runs there
   alone (XLA would not drop the other L - 1 positions).
   """
+  feats_BxNxD = None if videos is None else model.encode_video(videos)
+  x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
   hidden_BxLxD, cache = model.prefill(
-      _embedded_prompts(model, ids_BxL, videos), batching.positions(mask_BxL),
-      mask_BxL.astype(bool), cache_len, cache_dtype, num_samples)
+      x_BxLxD, batching.positions(mask_BxL), mask_BxL.astype(bool), cache_len,
+      cache_dtype, num_samples)
   return model.logits(hidden_BxLxD[:, -1]), cache
 
 
 def _score(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,
            suffix_ids_NxM=None, suffix_mask_NxM=None):
-  """log p(next token) [N, V] after each prompt row, or after each suffix
-  (row b * n + j continues prompt b), under the model. A scoring pass keeps
-  no cache: suffixes go through the layers with their prompts
-  (`suffix_hidden_states`)."""
-  model = nnx.merge(graphdef, state)
-  if suffix_ids_NxM is None:
-    logits_NxV, _, _, _ = _prompts_in_cache(
-        model, ids_BxL, mask_BxL, videos, None, None, cache_dtype,
-        extra_slots=0, num_samples=1)
-  else:
-    positions_NxM, valid_NxS, _ = _suffix_layout(
-        mask_BxL, suffix_mask_NxM, len(suffix_ids_NxM) // len(ids_BxL), 0)
-    hidden_NxMxD = model.suffix_hidden_states(
-        _embedded_prompts(model, ids_BxL, videos), batching.positions(mask_BxL),
-        mask_BxL.astype(bool), model.embed(suffix_ids_NxM), positions_NxM,
-        valid_NxS, cache_dtype)
-    logits_NxV = model.logits(hidden_NxMxD[:, -1])
+  """log p(next token) [N, V] after each prompt row, under the model."""
+  rows = len(ids_BxL) if suffix_ids_NxM is None else len(suffix_ids_NxM)
+  logits_NxV, _, _, _ = _prompts_in_cache(
+      nnx.merge(graphdef, state), ids_BxL, mask_BxL, videos, suffix_ids_NxM,
+      suffix_mask_NxM, cache_dtype, extra_slots=0,
+      num_samples=rows // len(ids_BxL))
   return _shard_rows(jax.nn.log_softmax(logits_NxV.astype(jnp.float32)), mesh)
-
-
-def _suffix_layout(mask_BxL, suffix_mask_NxM, num_samples, extra_slots):
-  """Where N = B * n rows continuing B left-padded prompts (n each) sit:
-  each suffix's positions [N, M] (None without suffixes), each row's valid
-  slots [N, L + M + extra_slots] and its next position [N]."""
-  repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
-  suffix_len = 0 if suffix_mask_NxM is None else suffix_mask_NxM.shape[1]
-  next_N = repeat(batching.positions(mask_BxL)[:, -1] + 1)
-  valid_NxS = repeat(jnp.pad(mask_BxL.astype(bool),
-                             ((0, 0), (0, suffix_len + extra_slots))))
-  if suffix_mask_NxM is None:
-    return None, valid_NxS, next_N
-  suffix_mask_NxM = suffix_mask_NxM.astype(bool)
-  valid_NxS = jax.lax.dynamic_update_slice(valid_NxS, suffix_mask_NxM,
-                                           (0, mask_BxL.shape[1]))
-  positions_NxM = (next_N[:, None]
-                   + jnp.cumsum(suffix_mask_NxM, axis=1, dtype=jnp.int32) - 1)
-  return (positions_NxM, valid_NxS,
-          next_N + jnp.sum(suffix_mask_NxM, axis=1, dtype=jnp.int32))
 
 
 def _prompts_in_cache(model, ids_BxL, mask_BxL, videos, suffix_ids_NxM,
@@ -266,13 +231,22 @@ def _prompts_in_cache(model, ids_BxL, mask_BxL, videos, suffix_ids_NxM,
   logits_BxV, cache = _prompt_logits(model, ids_BxL, mask_BxL, videos,
                                      length + suffix_len + extra_slots,
                                      cache_dtype, num_samples)
-  positions_NxM, valid_NxS, next_N = _suffix_layout(
-      mask_BxL, suffix_mask_NxM, num_samples, extra_slots)
+  repeat = lambda x: jnp.repeat(x, num_samples, axis=0)
+  positions_N = repeat(batching.positions(mask_BxL)[:, -1] + 1)
+  valid_NxS = repeat(jnp.pad(mask_BxL.astype(bool),
+                             ((0, 0), (0, suffix_len + extra_slots))))
   if suffix_ids_NxM is None:
-    return jnp.repeat(logits_BxV, num_samples, axis=0), cache, next_N, valid_NxS
+    return repeat(logits_BxV), cache, positions_N, valid_NxS
+  suffix_mask_NxM = suffix_mask_NxM.astype(bool)
+  valid_NxS = jax.lax.dynamic_update_slice(valid_NxS, suffix_mask_NxM,
+                                           (0, length))
+  positions_NxM = (positions_N[:, None]
+                   + jnp.cumsum(suffix_mask_NxM, axis=1, dtype=jnp.int32) - 1)
   hidden_NxMxD, cache = model.hidden_states(model.embed(suffix_ids_NxM),
                                             positions_NxM, valid_NxS, cache)
-  return model.logits(hidden_NxMxD[:, -1]), cache, next_N, valid_NxS
+  return (model.logits(hidden_NxMxD[:, -1]), cache,
+          positions_N + jnp.sum(suffix_mask_NxM, axis=1, dtype=jnp.int32),
+          valid_NxS)
 
 
 def _prefill(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,

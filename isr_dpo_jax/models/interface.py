@@ -121,15 +121,6 @@ class VideoLanguageModel(Protocol):
     slots in all, L of them the prompt's, and `index` = L. dtype: the cache's.
     """
 
-  def suffix_hidden_states(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
-                           mask_BxL: jax.Array, suffix_NxMxD: jax.Array,
-                           suffix_positions_NxM: jax.Array, valid_NxS: jax.Array,
-                           dtype=None) -> jax.Array:
-    """Final hidden states [N, M, D] of N = B * n suffixes, row b * n + j
-    continuing prompt b: what `hidden_states` of the suffixes on `prefill`'s
-    cache gives, for a pass that scores and keeps no cache (a judge's two
-    orders). valid_NxS marks each row's real prompt and suffix keys."""
-
   def decode(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxS,
              cache: Cache) -> tuple[jax.Array, Cache]:
     """Logits [B, L, V] of L new tokens written at slots [index, index + L),

@@ -217,14 +217,13 @@ class Attention(nnx.Module):
   def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, prefix=None,
                query_blocks=None):
     """Output and keys/values: kv (a layer's cache, after `prefix` if any) is
-    updated at its slot index and attended over; without kv, an int
-    query_blocks runs a prefill (see `attention`) and returns the call's own
-    keys/values [B, K, L, H], a prefix alone has the call's keys follow it,
-    and neither attends as in training (no keys returned)."""
+    updated at its slot index and attended over; without kv, query_blocks None
+    attends as in training (no keys returned), and an int runs a prefill (see
+    `attention`) and returns the call's own keys/values [B, K, L, H]."""
     q = apply_rotary(layers.split_heads(self.q_proj(x_BxLxD), self.head_dim), cos_sin)
     k = apply_rotary(layers.split_heads(self.k_proj(x_BxLxD), self.head_dim), cos_sin)
     v = layers.split_heads(self.v_proj(x_BxLxD), self.head_dim)
-    if kv is None and query_blocks is None and prefix is None:
+    if kv is None and query_blocks is None:
       return self.o_proj(layers.merge_heads(layers.attention(q, k, v, mask_BxLxS))), None
     kv_new = (k.swapaxes(1, 2), v.swapaxes(1, 2))
     if kv is None:
@@ -340,33 +339,6 @@ class Llama(nnx.Module):
     cache = self.init_cache(batch * num_samples, max_len - length, dtype)
     return hidden_BxLxD, cache.replace(index=jnp.asarray(length, jnp.int32),
                                        prefix_keys=prefix_keys, prefix_values=prefix_values)
-
-  def suffix_hidden_states(self, x_BxLxD, positions_BxL, mask_BxL, suffix_NxMxD,
-                           suffix_positions_NxM, valid_NxS, dtype=None):
-    """Final hidden states [N, M, D] of N = B * n suffixes, row b * n + j
-    continuing prompt b, as `hidden_states` on `prefill`'s cache gives them.
-
-    The prompts and suffixes go through the layers together, so one layer's
-    prompt keys are alive at a time and no cache is made: prefilled first,
-    a 7B judge's 32 layers of keys of two 4,104-token prompts took 4.3 GB of
-    a v5e chip's 16 (docs/scale.md). valid_NxS marks the real keys of each
-    row's prompt and suffix [N, L + M]; dtype rounds the prompt keys as a
-    cache of that dtype holds them.
-    """
-    length, suffix_len = x_BxLxD.shape[1], suffix_NxMxD.shape[1]
-    inv_freq = rope_inverse_frequencies(self.config)
-    prompts = (rotary_tables(positions_BxL, inv_freq),
-               attention_mask(mask_BxL, length, length, 0))
-    suffixes = (rotary_tables(suffix_positions_NxM, inv_freq),
-                attention_mask(valid_NxS, suffix_len, length + suffix_len, length))
-    x, s = x_BxLxD.astype(self.dtype), suffix_NxMxD.astype(self.dtype)
-    dtype = dtype or self.dtype
-    for layer in self.layers:
-      x, (k, v) = layer(parallel.shard_rows(x), *prompts,
-                        query_blocks=-(-length // PREFILL_QUERY_BLOCK))
-      s, _ = layer(parallel.shard_rows(s), *suffixes,
-                   prefix=(k.swapaxes(2, 3).astype(dtype), v.astype(dtype)))
-    return self.norm(s)
 
   def _decoder(self, x_BxLxD, positions_BxL, mask, cache, remat_policy=None, query_blocks=None):
     """The layers and the final norm; also each layer's keys and values [B, K, S, H]

@@ -115,13 +115,6 @@ class VideoLlava(nnx.Module):
     return self.language_model.prefill(x_BxLxD, positions_BxL, mask_BxL, max_len, dtype,
                                        num_samples)
 
-  def suffix_hidden_states(self, x_BxLxD, positions_BxL, mask_BxL, suffix_NxMxD,
-                           suffix_positions_NxM, valid_NxS, dtype=None):
-    """Suffixes' final hidden states, each continuing its prompt; see llama.py."""
-    return self.language_model.suffix_hidden_states(
-        x_BxLxD, positions_BxL, mask_BxL, suffix_NxMxD, suffix_positions_NxM, valid_NxS,
-        dtype)
-
   def logits(self, hidden_BxLxD: jax.Array) -> jax.Array:
     """The output head on final hidden states (see `hidden_states`)."""
     return self.language_model.logits(hidden_BxLxD)
