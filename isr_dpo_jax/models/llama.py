@@ -71,7 +71,8 @@ PREFILL_QUERY_BLOCK = 96
 # Queries per attention block of a call of many tokens on a cache (a judge's
 # suffixes). In one block a 7B judge's 2 x 2,048-token suffixes over a
 # 4,104-token prefix held [2, 2, 32, 2048, 4104] float32 logits, 4 GiB a
-# layer, and did not fit a v5e chip (docs/scale.md).
+# layer; a block of 128 holds 513 MiB on a v5e chip. (The judge at 32 pairs
+# a v5e slice still does not fit for other reasons: docs/scale.md.)
 CACHED_QUERY_BLOCK = 128
 
 
