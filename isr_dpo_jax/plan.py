@@ -48,12 +48,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from isr_dpo_jax import errors
+from isr_dpo_jax import judge
 from isr_dpo_jax import models
 from isr_dpo_jax import parallel
 from isr_dpo_jax import sampling
 from isr_dpo_jax import settings
 from isr_dpo_jax import train
 from isr_dpo_jax.data import batching
+from isr_dpo_jax.data import templates
 from isr_dpo_jax.data import tokenize
 from isr_dpo_jax.models import checkpoints
 from isr_dpo_jax.world import build
@@ -230,18 +232,37 @@ def _longest_row(max_length: int, video_tokens: int, buckets, responses: int,
   return best
 
 
+def _judge_suffix(config) -> int:
+  """The most tokens a judge order has after the start it shares with the
+  other order (policy.Policy._prompt): from its response A to the end of the
+  prompt. Each response is an answer sample, at most answer.max_new_tokens
+  tokens and one more when its text is tokenised again (as for DPO); the
+  template's text after response A is counted in characters, as no tokenizer
+  makes a token of less than one, and one more for a token that spans its
+  start."""
+  response_a, response_b = "\x00a", "\x00b"
+  question = judge.judge_question(settings.prompts(config), "?", response_a,
+                                  response_b, "")
+  text = templates.resolve(config.data.template).prompt(question)
+  tail = text[text.index(response_a) + len(response_a):].replace(response_b, "")
+  return 2 * (config.sampling.answer.max_new_tokens + 1) + len(tail) + 1
+
+
 def run_shapes(config, video_tokens: int) -> Shapes:
   """Shapes for `config`'s data.max_length and buckets.
 
   A DPO response is a sample of at most answer.max_new_tokens tokens; its
   text, tokenised again with the template's stop text, can be one longer. A
-  judge order's own part is at most a whole prompt's text.
+  judge order's own part is its two responses and the judge question's text
+  after them (`_judge_suffix`), and at most a whole prompt's text.
   """
   args = (config.data.max_length, video_tokens, config.sampling.buckets)
   dpo = _longest_row(*args, 2, config.sampling.answer.max_new_tokens + 1)
   sft_ = _longest_row(*args, 1, config.data.max_length)
   prompt = _longest_row(*args, 0, 1)[0]
-  return Shapes(prompt=prompt, suffix=prompt - video_tokens, dpo_prompt=dpo[0],
+  suffix = batching.bucket_length(
+      min(_judge_suffix(config), prompt - video_tokens), config.sampling.buckets)
+  return Shapes(prompt=prompt, suffix=suffix, dpo_prompt=dpo[0],
                 dpo_response=dpo[1], sft_prompt=sft_[0], sft_target=sft_[1])
 
 

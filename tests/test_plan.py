@@ -8,17 +8,25 @@ x86_64, its only wheels); elsewhere those tests skip and say so.
 """
 import importlib.util
 import re
+import types
 
 import jax
 import jax.numpy as jnp
 import pytest
+import tokenizers
+import transformers
 
 import conftest
 from isr_dpo_jax import cli
+from isr_dpo_jax import judge
+from isr_dpo_jax import models
 from isr_dpo_jax import plan
+from isr_dpo_jax import policy
 from isr_dpo_jax import settings
 from isr_dpo_jax import train
 from isr_dpo_jax.data import batching
+from isr_dpo_jax.data import templates
+from isr_dpo_jax.data import tokenize
 
 TOPOLOGY = "v5e:2x2"  # 4 chips, one host
 PROGRAMS = ["answers slots", "answers prefill", "answers decode",
@@ -204,6 +212,43 @@ def test_the_7b_config_plans_the_longest_rows_its_loader_makes():
   # An answer cut at max_new_tokens=256 gets its stop text when the pair is
   # tokenised again: 257 tokens, the 512 bucket.
   assert shapes.dpo_response == 512
+
+
+def _character_tokenizer() -> transformers.PreTrainedTokenizerFast:
+  """Every character its own token: the most tokens any text can make."""
+  vocab = {"<pad>": 0, **{chr(c): c for c in range(1, 256)}}
+  backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<pad>"))
+  backend.pre_tokenizer = tokenizers.pre_tokenizers.Split(
+      tokenizers.Regex(r"[\s\S]"), behavior="isolated")
+  tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend,
+                                                   pad_token="<pad>")
+  tokenize.add_video_token(tokenizer)
+  return tokenizer
+
+
+def test_the_judge_suffix_holds_the_longest_orders_a_tokenizer_can_make():
+  """The judge's orders of two longest answers (max_new_tokens + 1 tokens,
+  one character each), split as Policy splits them, continue their shared
+  start by no more tokens than the plan compiles: for the 7B config, the
+  1,024 bucket (two 257-token answers and the question after them), not a
+  whole prompt's 2,048."""
+  config = conftest.load_config("video_llava_7b")
+  tokenizer = _character_tokenizer()
+  video = models.VideoInput(num_frames=1, frame_size=1, num_tokens=4,
+                            token_id=tokenize.add_video_token(tokenizer))
+  encoder = tokenize.TextEncoder(
+      tokenizer, templates.resolve(config.data.template), video.token_id,
+      video.num_tokens, config.data.max_length)
+  policy_ = policy.Policy(types.SimpleNamespace(video=video), tokenizer, encoder,
+                          None, None, 1, config.sampling.buckets)
+  answer = config.sampling.answer.max_new_tokens + 1
+  orders = judge.judge_questions(settings.prompts(config), "What happens?",
+                                 "a" * answer, "b" * answer, "A cat sits.")
+  (first, second) = policy_._prompt(orders, None).suffixes
+  assert max(len(first), len(second)) <= plan._judge_suffix(config)
+  assert len(first) > 2 * answer
+  model = plan.abstract_model(config, plan.model_config(config)[0])
+  assert plan.run_shapes(config, model.video.num_tokens).suffix == 1024
 
 
 @pytest.mark.parametrize("topology, message", [
