@@ -214,9 +214,9 @@ def _flags(command: str) -> flags.FlagValues:
                       "loop: the arms from the shipped pi_0; sft: train that "
                       "pi_0 (about 80 minutes on 2 cores)", flag_values=fv)
   if command == "plan":
-    flags.DEFINE_string("topology", None, "the TPU slice to plan for, "
-                        "<chip>:<shape> (e.g. v5p:2x2x2); default: this host's "
-                        "devices", flag_values=fv)
+    flags.DEFINE_string("topology", None, "the TPU slice or GPU hosts to "
+                        "plan for, <chip>:<shape> (e.g. v5p:2x2x2, h100:8); "
+                        "default: this host's devices", flag_values=fv)
   return fv
 
 

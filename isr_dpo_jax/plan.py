@@ -115,20 +115,38 @@ _TOPOLOGY_OPTIONS = {"v4": {"chip_config_name": "megacore"}, "v5p": {},
 # (v5p:1x1x1), is described with its own shape as the host's (libtpu takes
 # three bounds).
 _HOST_BOUNDS = {"v4": (2, 2, 1), "v5p": (2, 2, 1), "v5e": (2, 2), "v6e": (2, 2)}
+# What XLA's GPU compiler reads about a GPU it cannot see
+# (stream_executor.GpuTargetConfigProto in openxla/xla): a Hopper SXM's
+# figures from NVIDIA's H100 and H200 datasheets and the CUDA C++ Programming
+# Guide's table for compute capability 9.0; its memory and bandwidth are the
+# chip table's. The device description is the GPU's device_kind.
+_HOPPER = {
+    "core_count": 132, "fpus_per_core": 128, "clock_rate_ghz": 1.98,
+    "threads_per_warp": 32, "threads_per_block_limit": 1024,
+    "threads_per_core_limit": 2048, "registers_per_block_limit": 65536,
+    "registers_per_core_limit": 65536, "shared_memory_per_block": 48 * 1024,
+    "shared_memory_per_block_optin": 227 * 1024,
+    "shared_memory_per_core": 228 * 1024, "l2_cache_size": 50 * 2**20,
+    "block_dim_limit_x": 2**31 - 1, "block_dim_limit_y": 65535,
+    "block_dim_limit_z": 65535, "cuda_compute_capability": "{ major: 9 }"}
+_GPU_TARGETS = {"h100": ("NVIDIA H100 80GB HBM3", _HOPPER),
+                "h200": ("NVIDIA H200", _HOPPER)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
   """Where the programs compile: devices, their chip (None: unknown), a name;
-  compile-only devices (a topology's) can run nothing."""
+  compile-only devices (a topology's) can run nothing; XLA options for them."""
   devices: Sequence[jax.Device]
   chip: Chip | None
   name: str
   compile_only: bool = False
+  compiler_options: dict = dataclasses.field(default_factory=dict)
 
 
 def target(topology: str | None) -> Target:
-  """The chips of a TPU topology ("v5p:2x2x2"), or this host's devices."""
+  """The chips of a TPU topology ("v5p:2x2x2"), of GPU hosts ("h100:8" or
+  "h100:2x8", hosts x GPUs each), or this host's devices."""
   if topology is None:
     devices = jax.devices()
     kind = devices[0].device_kind
@@ -138,11 +156,14 @@ def target(topology: str | None) -> Target:
       chip = dataclasses.replace(chip, hbm_bytes=limit)
     return Target(devices, chip, f"{len(devices)} local {kind} devices")
   chip, _, shape = topology.partition(":")
+  if chip in _GPU_TARGETS and re.fullmatch(r"\d+(x\d+)?", shape):
+    return _gpu_target(chip, shape)
   if chip not in _TOPOLOGY_OPTIONS or not re.fullmatch(r"\d+(x\d+)+", shape):
     raise PlanError(
         f"unknown topology {topology!r}: give <chip>:<shape>, chip one of "
         f"{', '.join(_TOPOLOGY_OPTIONS)} (e.g. v5p:2x2x2, or v4:2x2x4 for a "
-        "v4-32 of 16 chips)")
+        f"v4-32 of 16 chips), or <gpu>:[<hosts>x]<gpus>, gpu one of "
+        f"{', '.join(_GPU_TARGETS)} (e.g. h100:8)")
   if importlib.util.find_spec("libtpu") is None:
     raise PlanError("planning for a TPU topology needs libtpu: "
                     "pip install 'isr_dpo_jax[tpu]'")
@@ -162,6 +183,47 @@ def target(topology: str | None) -> Target:
     raise PlanError(f"unknown topology {topology!r}: {reason}") from None
   return Target(devices, CHIPS[chip], f"{topology} ({len(devices)} chips)",
                 compile_only=True)
+
+
+def gpu_target_config(chip: str) -> str:
+  """The GpuTargetConfigProto text that XLA compiles for `chip` from."""
+  kind, figures = _GPU_TARGETS[chip]
+  figures = {**figures, "memory_bandwidth": int(CHIPS[chip].hbm_bandwidth),
+             "device_memory_size": int(CHIPS[chip].hbm_bytes)}
+  fields = " ".join(f"{k}: {v}" for k, v in figures.items())
+  return (f"gpu_device_info {{ {fields} }} "
+          f'platform_name: "CUDA" dnn_version_info {{ major: 9 }} '
+          f'device_description_str: "{kind}"')
+
+
+def _gpu_target(chip: str, shape: str) -> Target:
+  """Compile-only GPUs from a target description (JAX's CUDA plugin, which
+  needs no GPU and no CUDA libraries to compile; it cannot run them)."""
+  hosts, _, per_host = shape.rpartition("x")
+  topology = f"1x{hosts or 1}x{per_host}"
+  needs = ("planning for GPUs needs JAX's CUDA plugin (pip install "
+           "'isr_dpo_jax[gpu-plan]') and, on a host without a GPU, "
+           "JAX_PLATFORMS=cpu")
+  if importlib.util.find_spec("jax_cuda12_plugin") is None:
+    raise PlanError(needs)
+  if not os.environ.get("JAX_PLATFORMS"):
+    # Compiling for GPUs uses none of this host's: the CUDA plugin is not
+    # started, so it cannot fail for want of a GPU (if JAX has not started
+    # its backends yet; otherwise JAX_PLATFORMS=cpu is needed).
+    jax.config.update("jax_platforms", "cpu")
+  try:
+    devices = topologies.get_topology_desc(
+        platform="cuda", topology=topology,
+        target_config=gpu_target_config(chip)).devices
+  except (NotImplementedError, jax.errors.JaxRuntimeError) as e:
+    reason = str(e).strip().splitlines()[0]
+    raise PlanError(f"{needs} ({reason})") from None
+  # Without a GPU, XLA cannot autotune Triton's tiles for a matrix product
+  # and fails on some shapes ("Couldn't find output tile sizes"): the plan
+  # compiles the products as cuBLAS calls.
+  return Target(devices, CHIPS[chip], f"{chip}:{shape} ({len(devices)} GPUs)",
+                compile_only=True,
+                compiler_options={"xla_gpu_enable_triton_gemm": False})
 
 
 def make_mesh(config, where: Target) -> jax.sharding.Mesh:
@@ -550,9 +612,16 @@ class Analysis:
          num_chips: int) -> "Analysis":
     """XLA's analysis of `compiled`, its cost completed with the scan
     iterations XLA leaves out (`uncounted_iterations` of its `jaxpr`, shared
-    evenly by the `num_chips` chips that run it)."""
+    evenly by the `num_chips` chips that run it); on a GPU target, where XLA
+    gives no cost, the matrix products' alone."""
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    flops, bytes_accessed = uncounted_iterations(jaxpr.jaxpr)
+    if cost is None:
+      # XLA:GPU gives no cost for a program compiled from a target
+      # description: its matrix products, every iteration, stand for it.
+      cost = {}
+      flops, bytes_accessed = _matmul_costs(jaxpr.jaxpr)[0]
+    else:
+      flops, bytes_accessed = uncounted_iterations(jaxpr.jaxpr)
     return cls(
         arguments=memory.argument_size_in_bytes,
         outputs=memory.output_size_in_bytes,
@@ -602,16 +671,16 @@ def _cache_key(lowered: jax.stages.Lowered, mesh) -> str:
   return digest.hexdigest()
 
 
-def _compile(lowered: jax.stages.Lowered, compile_only: bool) -> jax.stages.Compiled:
+def _compile(lowered: jax.stages.Lowered, where: Target) -> jax.stages.Compiled:
   """The compiled program. For compile-only devices JAX's persistent cache
   would store an executable that it cannot load back: none is written."""
-  if not compile_only:
+  if not where.compile_only:
     return lowered.compile()
   key = "jax_persistent_cache_min_compile_time_secs"
   least = getattr(jax.config, key)
   jax.config.update(key, math.inf)
   try:
-    return lowered.compile()
+    return lowered.compile(where.compiler_options)
   finally:
     jax.config.update(key, least)
 
@@ -648,7 +717,7 @@ def analyse(programs: Sequence[Program], where: Target, mesh,
     else:
       clock = time.perf_counter()
       try:
-        analysis = Analysis.of(_compile(lowered, where.compile_only),
+        analysis = Analysis.of(_compile(lowered, where),
                                traced.jaxpr, mesh.size)
       except jax.errors.JaxRuntimeError as e:
         if "RESOURCE_EXHAUSTED" not in str(e):

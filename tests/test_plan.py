@@ -35,6 +35,10 @@ PROGRAMS = ["answers slots", "answers prefill", "answers decode",
             "reference log-probs", "dpo update", "sft video features",
             "sft update"]
 needs_libtpu = conftest.needs_libtpu
+needs_cuda_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("jax_cuda12_plugin") is None,
+    reason="JAX's CUDA plugin is not installed (pip install "
+           "'isr_dpo_jax[gpu-plan]'); it compiles for GPUs without one")
 
 
 def tiny_config():
@@ -195,6 +199,37 @@ def test_a_lora_plan_trains_adapters_on_the_frozen_model(tiny_plan):
   sampling_rows = [r for r in full_rows if r.program.name not in names]
   estimate = plan.iteration_estimate(config, sampling_rows + rows, where.chip)
   assert "merge" in estimate
+
+
+@needs_cuda_plugin
+def test_a_tiny_run_plans_for_gpu_hosts_without_a_gpu():
+  """Two hosts of 4 H100s from the target description alone: XLA:GPU's own
+  memory analysis, and the matrix products' FLOPs where it gives no cost."""
+  config = tiny_config()
+  config.mesh = dict(data=-1, fsdp=4, tensor=1)
+  where, rows = plan.plan(config, "h100:2x4", programs=["dpo update"])
+  features, row = rows
+  mesh = plan.make_mesh(config, where)
+  done = {features.program.name: features.analysis.abstract_outputs(
+      features.program.trace({}).lower(), mesh)}
+  assert [d.device_kind for d in where.devices] == ["NVIDIA H100 80GB HBM3"] * 8
+  assert where.chip == plan.CHIPS["h100"]
+  traced = row.program.trace(done)
+  flops, _ = plan._matmul_costs(traced.jaxpr.jaxpr)[0]
+  assert row.analysis.flops == pytest.approx(flops / 8)
+  memory = traced.lower().compile(where.compiler_options).memory_analysis()
+  assert row.analysis.temporaries == memory.temp_size_in_bytes > 0
+  assert row.analysis.arguments == memory.argument_size_in_bytes > 0
+
+
+def test_gpu_hosts_without_the_cuda_plugin_are_one_line(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+      None if name == "jax_cuda12_plugin" else real(name, *a)))
+  with pytest.raises(plan.PlanError, match=re.escape(
+      "planning for GPUs needs JAX's CUDA plugin (pip install "
+      "'isr_dpo_jax[gpu-plan]')")):
+    plan.target("h100:8")
 
 
 @needs_libtpu
