@@ -140,10 +140,14 @@ def main():
              for i, (row, video) in enumerate(zip(ids, videos))]
   sampler = sampling.Sampler(model)
 
+  # Every prompt has the same length: one bucket of exactly that length, so
+  # each side prefills the same tokens (transformers pads nothing either).
+  bucket = args.prompt_len - cfg.num_video_tokens
+
   def ours(static):
     samples = [s for r in generate.generate(
         sampler, prompts, params, tokenizer=_NoText(), batch_size=args.slots,
-        static=static, progress=False) for s in r]
+        buckets=(bucket,), static=static, progress=False) for s in r]
     return np.array([s.length for s in samples])
 
   pixels = torch.from_numpy(videos).permute(0, 1, 4, 2, 3).to(args.device, torch_dtype)

@@ -4,11 +4,12 @@ A stage hands an iterable of prompts to `generate` and gets back, prompt by
 prompt and in input order, `num_samples` samples each. Prompts are taken as
 they come (no look-ahead) into batch_size slots (continuous batching,
 sampling.Slots): a prompt whose samples have all stopped leaves its slot to
-the next, so short answers do not wait for long ones. Prompts are prefilled
-with data.batching's contract: left-padded to a bucket (the video tokens as
-an offset, so the text length picks the bucket), a batch short of a size
-filled with dummy rows whose results are dropped. So a stage runs a few
-shapes, each compiled once. Prompts with suffixes (a judge's two orders) run
+the next, so short answers do not wait for long ones, and the last few
+prompts finish in fewer slots (a step costs about its rows). Prompts are
+prefilled with data.batching's contract: left-padded to a bucket (the video
+tokens as an offset, so the text length picks the bucket), a batch short of
+a size filled with dummy rows whose results are dropped. So a stage runs a
+few shapes, each compiled once. Prompts with suffixes (a judge's two orders) run
 in static batches, each until its longest row stops.
 
 A prompt's samples are drawn with keys from its uid: a stable id given with
@@ -272,13 +273,33 @@ def _fill(sampler: sampling.Sampler, slots: sampling.Slots | None,
   return slots
 
 
+def _compact(sampler: sampling.Sampler, slots: sampling.Slots,
+             held: list[int | None]) -> list[int | None]:
+  """Once the stream is out, moves the running prompts into a quarter of the
+  slots or fewer (a power of two a device, each prompt on its own device)
+  when they fit; returns the new slots' stream positions (None: free)."""
+  shards = sampler.row_shards
+  each = len(held) // shards
+  blocks = [range(d * each, (d + 1) * each) for d in range(shards)]
+  busiest, = _agreed(np.array(
+      [max(sum(held[s] is not None for s in b) for b in blocks)]))
+  size = 2 ** math.ceil(math.log2(max(busiest, 1)))
+  if 4 * size > each:
+    return held
+  keep = [s for b in blocks for s in sorted(b, key=lambda s: held[s] is None)[:size]]
+  slots.keep(keep)
+  return [held[s] for s in keep]
+
+
 def _continuous(sampler: sampling.Sampler, prompts: Iterable[Prompt],
                 params: sampling.SamplingParams, **kwargs
                 ) -> Iterator[tuple[int, sampling.Generation, int]]:
   """Continuous batching over batch_size prompt slots (sampling.Slots): a
   prompt whose samples have all stopped leaves its slot to the next one in
-  the stream. Yields (stream position, samples, the prompt's first row) as
-  prompts finish, out of order. kwargs: `_fill`'s."""
+  the stream. Once the stream is out, the drain runs until a quarter of the
+  slots could hold what still runs, moves it there (`_compact`), and so on.
+  Yields (stream position, samples, the prompt's first row) as prompts
+  finish, out of order. kwargs: `_fill`'s."""
   stream, n = iter(prompts), kwargs["num_samples"]
   held: list[int | None] = [None] * kwargs["batch_size"]  # position per slot
   slots, position, exhausted = None, 0, False
@@ -300,7 +321,11 @@ def _continuous(sampler: sampling.Sampler, prompts: Iterable[Prompt],
       for i, s in enumerate(chosen):
         held[s] = position + i
       position += len(new)
-    out, done = slots.run(drain=not more)
+    at_most = 0
+    if not more:
+      held = _compact(sampler, slots, held)
+      at_most = len(held) // sampler.row_shards // 4
+    out, done = slots.run(drain=not more, at_most=at_most)
     for s, p in enumerate(held):
       if p is not None and done[s * n:(s + 1) * n].all():
         yield p, out, s * n

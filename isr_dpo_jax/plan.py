@@ -407,7 +407,7 @@ def sampling_programs(config, model: models.VideoLanguageModel, mesh,
                      needs=(slots.name,))
     decode = Program(f"{stage} decode", shape + ", per token",
                      lambda done: sampler._resume.trace(
-                         state, done[insert.name], drain, params=params,
+                         state, done[insert.name], drain, scalar, params=params,
                          num_samples=num_samples),
                      needs=(insert.name,))
     return [slots, insert, decode]

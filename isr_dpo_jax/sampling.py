@@ -31,8 +31,10 @@ left-padded to the slots' prefix width, its rows' own slots emptied, its
 first token sampled) and the loop resumes. Rows' own slots are a ring that
 every row writes at the same index (`_forward`), so rows that started at
 different steps share one static cache; a row's position, length and key
-are its own. Prompts with suffixes (a judge's orders) run in static batches
-only (`Sampler.__call__`).
+are its own. Once no prompt is left to insert, the few still running move
+into a batch of fewer slots (`_take_slots`, the ring index kept), so a long
+last answer does not decode with a whole batch of stopped rows. Prompts with
+suffixes (a judge's orders) run in static batches only (`Sampler.__call__`).
 """
 import functools
 import math
@@ -341,16 +343,25 @@ def _free_groups(done_N, num_samples):
   return jnp.sum(jnp.all(done_N.reshape(-1, num_samples), axis=1))
 
 
-def _run(model, mesh, carry: _Decoding, drain, params: SamplingParams,
+def _busiest(done_N, num_samples, mesh):
+  """The most prompts still running on one device (its block of rows)."""
+  shards = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+  running_G = ~jnp.all(done_N.reshape(-1, num_samples), axis=1)
+  return jnp.max(jnp.sum(running_G.reshape(shards, -1), axis=1))
+
+
+def _run(model, mesh, carry: _Decoding, drain, at_most, params: SamplingParams,
          num_samples):
-  """Feeds and samples until every row has stopped, or (unless drain) until
-  one more prompt than at the start has all its samples stopped: its slot is
-  then free for the next prompt."""
+  """Feeds and samples until no device runs more than `at_most` prompts
+  (0: every row has stopped), or (unless drain) until one more prompt than at
+  the start has all its samples stopped: its slot is then free for the next
+  prompt."""
   free_at_start = _free_groups(carry.done, num_samples)
 
   def running(carry):
     more_free = _free_groups(carry.done, num_samples) > free_at_start
-    return ~jnp.all(carry.done) & (drain | ~more_free)
+    return ((_busiest(carry.done, num_samples, mesh) > at_most)
+            & (drain | ~more_free))
 
   def step(carry):
     logits_NxV, carry = _forward(model, carry)
@@ -369,7 +380,7 @@ def _decode(graphdef, mesh, state, logits_NxV, carry: _Decoding, seed, uids_B,
   keys_N = _sample_keys(seed, uids_B, first_sample, num_samples)
   carry = _record(carry.replace(keys=jax.random.key_data(keys_N)), logits_NxV,
                   params)
-  return _run(nnx.merge(graphdef, state), mesh, carry, True, params,
+  return _run(nnx.merge(graphdef, state), mesh, carry, True, 0, params,
               num_samples)
 
 
@@ -478,10 +489,42 @@ def _put_slots(mesh, olds, news, groups_K, num_samples):
                        axis_names=set(parallel.BATCH_AXES))(olds, news, groups_K)
 
 
-def _resume(graphdef, mesh, state, carry: _Decoding, drain, *,
+def _take_slots(mesh, carry: _Decoding, groups_G, *, num_samples):
+  """The carry of prompt slots groups_G (global indices) alone, in order: a
+  smaller batch that decodes them as before. Each device takes its new slots
+  from its own (shard_map), so no cache crosses devices: block d of groups_G
+  names slots of device d (`Slots.keep` checks that)."""
+  cache = carry.cache
+  rows = (carry.out, carry.done, carry.last_tokens, carry.positions,
+          carry.valid, carry.keys, cache.keys, cache.values)
+  prefixes = (cache.prefix_keys, cache.prefix_values)
+
+  def take(rows, prefixes, groups_G):
+    slots = jax.tree.leaves(prefixes)[0].shape[0]
+    first = 0 if mesh is None else jax.lax.axis_index(parallel.BATCH_AXES) * slots
+    local_G = groups_G - first
+    rows_R = (local_G[:, None] * num_samples + jnp.arange(num_samples)).reshape(-1)
+    return (jax.tree.map(lambda x: x[rows_R], rows),
+            jax.tree.map(lambda x: x[local_G], prefixes))
+
+  if mesh is not None:
+    spec = P(parallel.BATCH_AXES)
+    take = jax.shard_map(take, mesh=mesh, in_specs=spec, out_specs=spec,
+                         axis_names=set(parallel.BATCH_AXES))
+  rows, (prefix_keys, prefix_values) = take(rows, prefixes, groups_G)
+  out, done, last_tokens, positions, valid, keys, cache_keys, cache_values = rows
+  return _shard_rows(_Decoding(
+      out=out, done=done, last_tokens=last_tokens, positions=positions,
+      valid=valid, keys=keys,
+      cache=cache.replace(keys=cache_keys, values=cache_values,
+                          prefix_keys=prefix_keys, prefix_values=prefix_values)),
+      mesh)
+
+
+def _resume(graphdef, mesh, state, carry: _Decoding, drain, at_most, *,
             params: SamplingParams, num_samples):
   """`_run` on a carry whose rows hold their own keys (continuous batching)."""
-  return _run(nnx.merge(graphdef, state), mesh, carry, drain, params,
+  return _run(nnx.merge(graphdef, state), mesh, carry, drain, at_most, params,
               num_samples)
 
 
@@ -523,6 +566,8 @@ class Sampler:
     self._resume = jax.jit(on_mesh(_resume),
                            static_argnames=("params", "num_samples"),
                            donate_argnames="carry")
+    self._take_slots = jax.jit(functools.partial(_take_slots, mesh),
+                               static_argnames="num_samples")
 
   def _put(self, x_local):
     """This process's rows -> a global array sharded over the data axes."""
@@ -625,7 +670,8 @@ class Slots:
 
   Each slot holds a prompt's num_samples rows. `insert` prefills prompts into
   free slots of the running cache (`_insert`); `run` decodes every running
-  row until some slot's rows have all stopped (or, draining, all of them).
+  row until some slot's rows have all stopped (or, draining, until few or
+  none run); `keep` moves a drain's last running prompts into fewer slots.
   Shapes depend on the slots, the prefix width, max_new_tokens and the
   inserted batch's size and bucket only, so refilling retraces nothing. A
   prompt's samples draw with its uid's keys, as `Sampler.__call__` does
@@ -678,11 +724,37 @@ class Slots:
         np.int32(self.seed), sampler._put(np.asarray(uids_K, np.int32)),
         params=self.params, num_samples=self.num_samples)
 
-  def run(self, drain: bool) -> tuple[Generation, np.ndarray]:
-    """Decodes until a slot frees (drain: until every row stops); returns
-    this process's rows (row s * n + j: sample j of slot s) and their done."""
-    self._carry = self._sampler._resume(
-        self._sampler.state, self._carry, np.bool_(drain), params=self.params,
+  def keep(self, slots_G):
+    """Keeps only this process's prompt slots slots_G, in order, in a batch
+    of len(slots_G) slots: new slot i holds what slot slots_G[i] held. Each
+    slot stays on its device: with the old and the new slots each split into
+    `row_shards` equal blocks, block d of slots_G names slots of old block d.
+
+    A drain's few running prompts thus decode in a small batch (a step costs
+    about its rows) rather than in the stage's whole batch of stopped rows.
+    """
+    sampler = self._sampler
+    sampler._check_rows(len(slots_G))
+    slots_G = np.asarray(slots_G)
+    each = len(slots_G) // sampler.row_shards
+    moved = np.flatnonzero(sampler.slot_devices(slots_G, len(self._groups))
+                           != np.arange(len(slots_G)) // each)
+    if moved.size:
+      raise ValueError(
+          f"new slots {moved.tolist()} would hold slots "
+          f"{slots_G[moved].tolist()} of other devices: new slots "
+          f"[{each}d, {each}(d + 1)) come from device d's")
+    self._carry = sampler._take_slots(
+        self._carry, sampler._put(self._groups[slots_G].astype(np.int32)),
         num_samples=self.num_samples)
+    self._groups = sampler._global_rows(len(self._carry.done) // self.num_samples)
+
+  def run(self, drain: bool, at_most: int = 0) -> tuple[Generation, np.ndarray]:
+    """Decodes until a slot frees (drain: until no device runs more than
+    at_most prompts, 0: every row stops); returns this process's rows (row
+    s * n + j: sample j of slot s) and their done."""
+    self._carry = self._sampler._resume(
+        self._sampler.state, self._carry, np.bool_(drain), np.int32(at_most),
+        params=self.params, num_samples=self.num_samples)
     fetch = self._sampler._fetch
     return jax.tree.map(fetch, self._carry.out), fetch(self._carry.done)

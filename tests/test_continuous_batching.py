@@ -1,5 +1,7 @@
 """Continuous batching: prompts refill freed slots, and each prompt's samples
 are what it gets generated alone."""
+import dataclasses
+
 import hf_reference as ref
 import numpy as np
 import pytest
@@ -81,6 +83,40 @@ def test_continuous_batching_returns_what_each_prompt_gets_alone(
       tolerance.assert_close(sample.logprob, alone.logprobs[j])
 
 
+def _kept_sizes(monkeypatch):
+  """The slot counts that Slots.keep moves a drain into, as it is called."""
+  sizes, keep = [], sampling.Slots.keep
+
+  def recorded(self, slots_G):
+    sizes.append(len(slots_G))
+    return keep(self, slots_G)
+
+  monkeypatch.setattr(sampling.Slots, "keep", recorded)
+  return sizes
+
+
+def test_a_drain_moved_into_fewer_slots_returns_what_each_prompt_gets_alone(
+    sampler, tokenizer, monkeypatch):
+  """Twelve prompts through eight slots: once the stream is out, the prompts
+  still running move into 2 slots (the ring index and every row's
+  keys, positions and draws kept), and each sample is still its prompt's
+  own one-prompt run."""
+  sizes = _kept_sizes(monkeypatch)
+  prompts = _prompts(sampler, [3, 2, 9, 5, 14, 27, 4, 20, 6, 11, 8, 2], seed=11)
+  params = dataclasses.replace(SAMPLED, max_new_tokens=24)
+  results = list(generate.generate(
+      sampler, prompts, params, tokenizer=tokenizer, batch_size=8,
+      num_samples=2, seed=4, buckets=(8, 16, 32), progress=False))
+  assert sizes and set(sizes) <= {1, 2}, sizes  # 8 slots, then a quarter
+  for position, (prompt, samples) in enumerate(zip(prompts, results, strict=True)):
+    alone = _alone(sampler, prompt, generate.prompt_uid(prompt, position),
+                   params, 2, seed=4)
+    for j, sample in enumerate(samples):
+      np.testing.assert_array_equal(sample.token_ids,
+                                    alone.tokens[j, :alone.lengths[j]])
+      tolerance.assert_close(sample.logprob, alone.logprobs[j])
+
+
 def test_continuous_equals_static_batches(sampler, tokenizer):
   """The same samples as the engine run batch by batch (static=True)."""
   prompts = _prompts(sampler, [5, 12, 3, 8, 7, 2, 10], seed=5)
@@ -115,22 +151,29 @@ def test_refilling_slots_does_not_retrace(model, tokenizer, monkeypatch):
   assert len(traces) == first
 
 
-def test_each_device_prefills_the_prompts_of_its_own_slots(checkpoint, sampler, tokenizer):
-  """On 4 data shards of 2 slots each (x 2 tensor shards), every prompt is
-  prefilled on its slot's devices (the insert writes no other shard's slots):
-  the samples are one device's, and a row meant for another shard's slot is
-  refused."""
+def test_each_device_prefills_the_prompts_of_its_own_slots(
+    checkpoint, sampler, tokenizer, monkeypatch):
+  """On 4 data shards of 4 slots each (x 2 tensor shards), every prompt is
+  prefilled on its slot's devices (the insert writes no other shard's slots)
+  and a drain moves into 1 slot a device, each prompt staying on its device:
+  the samples are one device's, and a row or a kept slot meant for another
+  shard is refused."""
   mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
   sharded = sampling.Sampler(models.load_pretrained(checkpoint, mesh=mesh), mesh)
-  prompts = _prompts(sampler, [3, 2, 9, 5, 14, 27, 4, 20, 6, 7, 3, 11], seed=9)
+  prompts = _prompts(sampler, [3, 2, 9, 5, 14, 27, 4, 20, 6, 7, 3, 11] * 2, seed=9)
   run = lambda engine: [s for r in generate.generate(
-      engine, prompts, SAMPLED, tokenizer=tokenizer, batch_size=8, num_samples=2,
+      engine, prompts, SAMPLED, tokenizer=tokenizer, batch_size=16, num_samples=2,
       seed=2, buckets=(8, 16, 32), progress=False) for s in r]
-  for got, want in zip(run(sharded), run(sampler), strict=True):
+  want = run(sampler)
+  sizes = _kept_sizes(monkeypatch)
+  for got, want in zip(run(sharded), want, strict=True):
     np.testing.assert_array_equal(got.token_ids, want.token_ids)
     tolerance.assert_close(got.logprob, want.logprob)
+  assert sizes == [4], sizes  # a quarter of 16 slots: one a device
 
   slots = sharded.slots(8, 8, SAMPLED, num_samples=2)
   ids = np.ones((4, 8), np.int32)
   with pytest.raises(ValueError, match=r"rows \[0\] would go to slots \[2\] on other"):
     slots.insert(ids, ids > 0, None, [2, 3, 4, 6], np.arange(4))
+  with pytest.raises(ValueError, match=r"new slots \[0, 1\] would hold slots \[2, 0\]"):
+    slots.keep([2, 0, 4, 6])

@@ -19,8 +19,10 @@ from isr_dpo_jax import sampling
 from test_continuous_batching import SAMPLED
 
 BUCKETS = (8, 16, 32)
-SPLIT = 7  # process 0 streams prompts [:SPLIT], process 1 the rest
-SLOTS = 2  # per process: 4 prompts, 8 sample rows over the mesh's 4 data shards
+SPLIT = 14  # process 0 streams prompts [:SPLIT], process 1 the rest
+# Per process: 8 prompts, 16 sample rows over the mesh's 4 data shards (2 a
+# process), 4 prompt slots a device: its drain moves into 1 (Slots.keep).
+SLOTS = 8
 
 
 def _prompts(workdir) -> list[generate.Prompt]:
@@ -56,7 +58,8 @@ def test_two_processes_stream_what_one_process_does(tmp_path):
   ref.tiny_model(seed=8, num_kv_heads=2).save_pretrained(tmp_path)
   model = models.load_pretrained(tmp_path)
   rng = np.random.default_rng(0)
-  lengths = [3, 9, 2, 5, 4, 6, 3, 14, 27, 20, 8]  # process 1's are longer
+  lengths = [3, 9, 2, 5, 4, 6, 3, 11, 7, 2, 13, 5, 8, 4,  # process 0's refill
+             14, 27, 20, 8, 16, 25, 9, 12]  # process 1's are longer
   ids = [[1] + [ref.VIDEO_ID] * model.config.num_video_tokens
          + rng.integers(3, 90, n).tolist() for n in lengths]
   np.savez(tmp_path / "prompts.npz", ids=np.concatenate(ids),
@@ -70,6 +73,7 @@ def test_two_processes_stream_what_one_process_does(tmp_path):
             str(tmp_path)])
   for process, prompts in enumerate((slice(0, SPLIT), slice(SPLIT, None))):
     got = np.load(tmp_path / f"samples_{process}.npz")
+    assert got["kept"].tolist() == [2], got["kept"]  # 1 slot a device at the end
     for field in want:
       tolerance.assert_close(got[field], want[field][prompts], err_msg=field)
 
@@ -88,8 +92,16 @@ def _worker(workdir):
   sampler = sampling.Sampler(models.load_pretrained(workdir, mesh=mesh), mesh)
   prompts = _prompts(workdir)
   mine = prompts[:SPLIT] if jax.process_index() == 0 else prompts[SPLIT:]
+  kept, keep = [], sampling.Slots.keep
+
+  def recorded(slots, slots_G):
+    kept.append(len(slots_G))
+    keep(slots, slots_G)
+
+  sampling.Slots.keep = recorded
+  samples = _generate(sampler, mine)
   np.savez(workdir / f"samples_{jax.process_index()}.npz",
-           **_generate(sampler, mine))
+           kept=np.array(kept, int), **samples)
 
 
 if __name__ == "__main__":
