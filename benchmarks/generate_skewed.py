@@ -15,12 +15,14 @@ The lengths measured are printed.
 All three sample (temperature 1, top-p 0.95) `--prompts` prompts with
 `--slots` rows at a time:
   * continuous: generate.generate, a finished prompt's slot taken by the next
-    prompt (sampling.Slots);
+    prompt, the last few moved into fewer slots (sampling.Slots);
   * static: generate.generate(static=True), batches of `--slots` prompts,
     each decoding until its longest row stops;
   * transformers: VideoLlavaForConditionalGeneration.generate on the same
     batches (KV cache on, eos_token_id = the stop ids), which also stops a
     batch when its last row does.
+The prompts all have one length, so the engine runs them in one bucket of
+exactly that length, as transformers does (no bucket padding on either side).
 The continuous and static engines draw the same samples (the prompts' keys),
 so they generate the same tokens; transformers draws its own, so tokens/s is
 each side's generated tokens (stop id included) over its seconds.
@@ -35,22 +37,13 @@ side's own lengths / its seconds.
   python benchmarks/generate_skewed.py
   python benchmarks/generate_skewed.py --device cuda --dtype bfloat16  # GPU
 
-Measured 2026-12-03 at 06aa7c4, three runs of the default command under
-nice -n 15 on the 2-core Xeon VM while other jobs loaded it (load average 7
-falling to 3; XLA's matmul rate 62, 198, 187 GFLOP/s against ~360 idle).
-Lengths drawn: mean 21, median 14, p90 52, max 96 (ours); 62 of 64 samples
-came out the same length from both engines.
-
-  run  continuous s  static s  HF s   cont/static  cont/HF  cont roofline
-  1        51.1        64.1    354.6     1.26        6.50       0.37
-  2        32.4        47.2    130.4     1.46        3.77       0.20
-  3        18.5        26.9     35.7     1.46        1.81       0.37
-
-Medians: 1.46x the static engine, 3.77x transformers (1.81x in the quietest
-run: torch's threads lose most under load). At these lengths the prefill is
-~85% of the roofline (5.8 of 6.8 s in run 3: 64 prompts of 300 tokens, 21
-new tokens each on average), so removing the static batches' decode waste
-gains less than it would on the loop's longer answers.
+Measured 2026-12-04 at d6b8406, three rounds of each command on the 2-core
+VM (XLA's matmul 195-214 GFLOP/s against ~360 idle), medians:
+--max-new-tokens 256 --stop-ids 667: 2.02x the static engine and 3.84x
+transformers (18.3, 36.1 and 70.6 s); the default: 1.53x and 2.64x. Every
+round is in docs/2026-12-04-benchmarks.md. At the default lengths the
+prefill is most of the roofline (5.2 of 6.1 s), so batching gains less
+there than on the loop's longer answers.
 """
 import argparse
 import importlib.util
