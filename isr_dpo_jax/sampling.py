@@ -459,41 +459,54 @@ def _insert(graphdef, mesh, cache_dtype, state, carry: _Decoding, ids_KxL,
   return _shard_rows(carry, mesh)
 
 
+def _by_device(mesh, fn):
+  """fn on each device's own block of rows (shard_map over the data axes),
+  or fn itself without a mesh. A scatter or gather with data-dependent
+  indices into row-sharded arrays otherwise moves every device's rows to each
+  one (for an insert, a v5e-16's whole batch of 7B prompt keys, 1 GiB a
+  layer)."""
+  if mesh is None:
+    return fn
+  rows = P(parallel.BATCH_AXES)
+  return jax.shard_map(fn, mesh=mesh, in_specs=rows, out_specs=rows,
+                       axis_names=set(parallel.BATCH_AXES))
+
+
+def _local_slots(mesh, groups_K, slots, num_samples):
+  """This device's indices of prompt slots groups_K (global indices, inside
+  `_by_device`; another device's slot: `slots`, one past its last) and their
+  num_samples rows each."""
+  first = 0 if mesh is None else jax.lax.axis_index(parallel.BATCH_AXES) * slots
+  local_K = groups_K - first
+  local_K = jnp.where((local_K >= 0) & (local_K < slots), local_K, slots)
+  return local_K, (local_K[:, None] * num_samples + jnp.arange(num_samples)).reshape(-1)
+
+
 def _put_slots(mesh, olds, news, groups_K, num_samples):
   """olds = (rows, prefixes) with prompt slots groups_K (global indices; one
   past the last: a dummy, dropped) set from news' K prompts: a slot's
   num_samples rows and its prompt's keys.
 
-  On a mesh every device writes its own prompts into its own slots
-  (shard_map): a scatter with data-dependent indices into row-sharded arrays
-  otherwise gathers every device's new rows to each one (a v5e-16's whole
-  batch of 7B prompt keys, 1 GiB a layer). So the caller puts each prompt on
-  the device of its slot (`Slots.insert` checks that); a prompt for another
-  device's slot would be dropped.
+  Every device writes its own prompts into its own slots (`_by_device`), so
+  the caller puts each prompt on the device of its slot (`Slots.insert`
+  checks that); a prompt for another device's slot would be dropped.
   """
   def put(olds, news, groups_K):
     rows, prefixes = olds
     slots = jax.tree.leaves(prefixes)[0].shape[0]
-    first = 0 if mesh is None else jax.lax.axis_index(parallel.BATCH_AXES) * slots
-    local_K = groups_K - first
-    local_K = jnp.where((local_K >= 0) & (local_K < slots), local_K, slots)
-    rows_R = (local_K[:, None] * num_samples + jnp.arange(num_samples)).reshape(-1)
+    local_K, rows_R = _local_slots(mesh, groups_K, slots, num_samples)
     set_at = lambda at: lambda old, new: old.at[at].set(new, mode="drop")
     return (jax.tree.map(set_at(rows_R), rows, news[0]),
             jax.tree.map(set_at(local_K), prefixes, news[1]))
 
-  if mesh is None:
-    return put(olds, news, groups_K)
-  rows = P(parallel.BATCH_AXES)
-  return jax.shard_map(put, mesh=mesh, in_specs=rows, out_specs=rows,
-                       axis_names=set(parallel.BATCH_AXES))(olds, news, groups_K)
+  return _by_device(mesh, put)(olds, news, groups_K)
 
 
 def _take_slots(mesh, carry: _Decoding, groups_G, *, num_samples):
   """The carry of prompt slots groups_G (global indices) alone, in order: a
   smaller batch that decodes them as before. Each device takes its new slots
-  from its own (shard_map), so no cache crosses devices: block d of groups_G
-  names slots of device d (`Slots.keep` checks that)."""
+  from its own (`_by_device`): block d of groups_G names slots of device d
+  (`Slots.keep` checks that)."""
   cache = carry.cache
   rows = (carry.out, carry.done, carry.last_tokens, carry.positions,
           carry.valid, carry.keys, cache.keys, cache.values)
@@ -501,17 +514,12 @@ def _take_slots(mesh, carry: _Decoding, groups_G, *, num_samples):
 
   def take(rows, prefixes, groups_G):
     slots = jax.tree.leaves(prefixes)[0].shape[0]
-    first = 0 if mesh is None else jax.lax.axis_index(parallel.BATCH_AXES) * slots
-    local_G = groups_G - first
-    rows_R = (local_G[:, None] * num_samples + jnp.arange(num_samples)).reshape(-1)
+    local_G, rows_R = _local_slots(mesh, groups_G, slots, num_samples)
     return (jax.tree.map(lambda x: x[rows_R], rows),
             jax.tree.map(lambda x: x[local_G], prefixes))
 
-  if mesh is not None:
-    spec = P(parallel.BATCH_AXES)
-    take = jax.shard_map(take, mesh=mesh, in_specs=spec, out_specs=spec,
-                         axis_names=set(parallel.BATCH_AXES))
-  rows, (prefix_keys, prefix_values) = take(rows, prefixes, groups_G)
+  rows, (prefix_keys, prefix_values) = _by_device(mesh, take)(
+      rows, prefixes, groups_G)
   out, done, last_tokens, positions, valid, keys, cache_keys, cache_values = rows
   return _shard_rows(_Decoding(
       out=out, done=done, last_tokens=last_tokens, positions=positions,
