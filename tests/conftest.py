@@ -28,6 +28,12 @@ import pytest  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
+# Real clips: the project's shared videos, next to the repository.
+VIDEOS = pathlib.Path(__file__).resolve().parents[2] / "shared" / "videos"
+REAL_CLIPS = sorted(VIDEOS.glob("*.mp4"))
+needs_real_clips = pytest.mark.skipif(not REAL_CLIPS,
+                                      reason=f"no real clips in {VIDEOS}")
+
 # Compiling for a TPU topology (isr_dpo_jax.plan) needs libtpu.
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,

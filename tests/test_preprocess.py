@@ -1,17 +1,13 @@
 """CLIP preprocessing against transformers' CLIPImageProcessor."""
-
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
+import conftest
 import pytest
 import tolerance
 import transformers
 
 from isr_dpo_jax.data import video
 
-VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
-REAL_CLIPS = sorted(VIDEOS.glob("*.mp4"))
 TOLERANCE = 2 / 255  # Acceptance: per pixel, before normalisation.
 
 
@@ -36,12 +32,12 @@ def smooth_frames(shape, seed=0):
   return np.clip(fine + rng.normal(0, 20, fine.shape), 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", params=REAL_CLIPS, ids=lambda p: p.name)
+@pytest.fixture(scope="module", params=conftest.REAL_CLIPS, ids=lambda p: p.name)
 def real_frames(request):
   return video.read_video(request.param, 8)
 
 
-@pytest.mark.skipif(not REAL_CLIPS, reason=f"no real clips in {VIDEOS}")
+@conftest.needs_real_clips
 def test_matches_clip_processor_on_real_clips(real_frames):
   pixels = video.resize_and_crop(real_frames, 224)
   assert pixels.shape == (8, 224, 224, 3) and pixels.dtype == np.uint8

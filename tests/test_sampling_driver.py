@@ -1,6 +1,6 @@
 """The streaming driver: real videos in, samples out in input order."""
-from pathlib import Path
 
+import conftest
 import hf_reference as ref
 import numpy as np
 import pytest
@@ -15,9 +15,11 @@ from isr_dpo_jax import sampling
 from isr_dpo_jax.data import batching
 from isr_dpo_jax.data import video
 
-VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 PARAMS = sampling.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=8,
                                  stop_ids=(2, 10, 11, 12, 13))
+
+
+pytestmark = conftest.needs_real_clips
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +51,7 @@ def prompts(sampler):
   """Five prompts over the two real clips, text lengths 3 to 11; one has a
   stable uid, the others take their stream position."""
   clips = [video.preprocess(video.read_video(p, ref.NUM_FRAMES), ref.IMAGE_SIZE)
-           for p in sorted(VIDEOS.glob("*.mp4"))]
+           for p in conftest.REAL_CLIPS]
   rng = np.random.default_rng(0)
   placeholders = [ref.VIDEO_ID] * sampler.video.num_tokens
   return [generate.Prompt([1] + placeholders + rng.integers(4, 90, n).tolist(),

@@ -1,9 +1,9 @@
 """Prepared videos (TFDS, array_record): the decoder's frames, bad videos, reuse."""
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+import conftest
 import pytest
 
 from isr_dpo_jax import errors
@@ -17,10 +17,12 @@ from isr_dpo_jax.data import video
 from isr_dpo_jax.data import video_cache
 from isr_dpo_jax.world import vocab
 
-VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 NUM_FRAMES, SIZE = 4, 32
 GOOD = ("sample_demo_3.mp4", "sample_demo_9.mp4", "synthetic.mp4", "frames_a")
 BAD = ("corrupt.mp4", "empty_folder", "missing.mp4")
+
+
+pytestmark = conftest.needs_real_clips
 
 
 def qa(record_id, video_path):
@@ -32,7 +34,7 @@ def qa(record_id, video_path):
 @pytest.fixture(scope="module")
 def video_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("videos")
-  for clip in sorted(VIDEOS.glob("*.mp4")):
+  for clip in conftest.REAL_CLIPS:
     (root / clip.name).symlink_to(clip)
   rng = np.random.default_rng(0)
   scenes.write_mp4(rng.integers(0, 255, (6, 48, 40, 3), np.uint8),

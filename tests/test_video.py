@@ -1,6 +1,5 @@
 """Video reading: frame indices and frames against a plain sequential decode."""
 
-from pathlib import Path
 import pickle
 
 import av
@@ -8,14 +7,11 @@ import hypothesis
 from hypothesis import strategies as st
 import numpy as np
 from PIL import Image
+import conftest
 import pytest
 
 from isr_dpo_jax.data import video
 
-VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
-REAL_CLIPS = sorted(VIDEOS.glob("*.mp4"))
-needs_real_clips = pytest.mark.skipif(
-    not REAL_CLIPS, reason=f"no real clips in {VIDEOS}")
 FILE_BACKENDS = ("decord", "pyav")
 
 # Synthetic clips: frame t is a flat grey of level 10 + 10 t, so pixels name
@@ -77,9 +73,9 @@ def test_sample_indices_repeat_frames_of_short_clips():
     video.sample_indices(0, 8)
 
 
-@needs_real_clips
+@conftest.needs_real_clips
 @pytest.mark.parametrize("first_seconds", [None, 3])
-@pytest.mark.parametrize("clip", REAL_CLIPS, ids=lambda p: p.name)
+@pytest.mark.parametrize("clip", conftest.REAL_CLIPS, ids=lambda p: p.name)
 def test_backends_read_the_sampled_frames_of_real_clips(clip, first_seconds):
   with av.open(str(clip)) as container:
     stream = container.streams.video[0]
@@ -151,7 +147,7 @@ def test_short_frame_folder_repeats_frames(tmp_path):
 
 
 def real_clip_bytes():
-  return REAL_CLIPS[0].read_bytes() if REAL_CLIPS else b""
+  return conftest.REAL_CLIPS[0].read_bytes() if conftest.REAL_CLIPS else b""
 
 
 def write_bad(tmp_path, name):
@@ -193,7 +189,7 @@ BAD_INPUTS = ["missing.mp4", "corrupt.mp4", "empty.mp4", "truncated.mp4",
 @pytest.mark.parametrize("backend", ["auto", "pyav"])
 @pytest.mark.parametrize("name", BAD_INPUTS)
 def test_bad_inputs_raise_video_error(tmp_path, name, backend):
-  if name in ("truncated.mp4", "header_only.mp4") and not REAL_CLIPS:
+  if name in ("truncated.mp4", "header_only.mp4") and not conftest.REAL_CLIPS:
     pytest.skip("needs a real clip to damage")
   path, cause = write_bad(tmp_path, name)
   with pytest.raises(video.VideoError) as error:
