@@ -26,31 +26,20 @@ bandwidth of a 512 MiB read; roofline_fraction=<roofline s / our s> (hf
 generate's beside it) says how close each side comes to what the machine
 allows. The last line printed is speedup_vs_hf_generate=<hf seconds / our
 seconds>.
-Measured (best of 5 interleaved runs) on a 2-core Xeon VM while another job
-kept one core busy (load average ~4; matmul 190-240 GFLOP/s against ~360
-idle), so the CPU rows are slower than on an idle machine, and under that
-load torch's threads sometimes spin-wait: some runs gave transformers 46-50 s
-(not shown). The CPU rows predate the last change (top-p row by row), which
-took another ~6% off ours in an interleaved same-process comparison; the H200
-row predates the shared prompt cache and is not rerun.
 
-  setting                       ours s  tok/s  MFU   HF s  tok/s  MFU  speedup
-  CPU f32, 16 prompts             3.91    262  39%   5.84    175  29%     1.49
-  CPU f32, 8 prompts x 2          3.03    338  39%   5.98    171  18%     1.97
-  H200 bf16, 16 prompts          0.049  20701   5%  0.617   1659  0.1%   12.5
+Measured 2026-12-04 at d6b8406 on the 2-core VM (XLA's matmul 179-191
+GFLOP/s against ~360 idle), three rounds: 4.0 s against 7.3 s for
+transformers (1.83x, median), 47% of the roofline (44-55%); every round is in
+docs/2026-12-04-benchmarks.md. An H200 run in bf16 (0.049 s against 0.617 s,
+12.5x) predates the shared prompt cache and is not rerun.
 
-Where the CPU time goes (16 prompts): the prefill, ~1.3 s, is ~1.0 s of
-dense matmuls (242 GFLOP) and ~0.2 s of video tower; each decode step, ~35-40
-ms, is about half streaming the float32 weights (100 MB of layers and a 65 MB
-output head, as matrix products of 16 rows), a quarter attention over the
-cache (~175 MB), and the rest the exact top-p, the draw and small ops. Both
-sides are bound by memory bandwidth while decoding; ours is ~2x faster a step
-(no cache concatenation, no Python per token, no vocabulary sort). 3x is out
-of reach here: with the prefill at the matmul peak (~1.1 s) and every step
-streaming its ~340 MB at the ~30 GB/s this VM reaches (~11 ms), a call would
-still take ~1.8 s, ~3.2x transformers', so both phases would have to run at
-their roofline at once. With n samples per prompt the prompt's keys are read
-once per step for all n (see models.KVCache), hence the larger gain.
+Where the CPU time goes (16 prompts): the prefill is ~1.9 s for 270 GFLOP.
+Each decode step takes 33-40 ms against a byte roofline of ~10.6 ms. Of
+that, the output head takes 5.8 ms: at 16 rows XLA:CPU's product runs at
+about half its 2048^3 rate, so it is bound by arithmetic, not by its 65 MB.
+The exact top-p takes 5.6 ms, one row at a time, and attention over the
+prompt's keys ~1.6 ms a layer. With n samples per prompt the prompt's keys
+are read once per step for all n (see models.KVCache).
 """
 import argparse
 import os
