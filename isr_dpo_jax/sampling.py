@@ -696,6 +696,14 @@ class Slots:
     self._groups = sampler._global_rows(len(carry.done) // num_samples)
     self.width = carry.cache.prefix_len
 
+  def _off_device(self, slots_K) -> np.ndarray:
+    """Which k of slots_K (this process's slots; -1: none) name a slot off
+    the device of position k: with the positions and the slots each split
+    into `row_shards` equal blocks, block d's must be slots of block d."""
+    devices = self._sampler.slot_devices(slots_K, len(self._groups))
+    block = np.arange(len(slots_K)) // (len(slots_K) // self._sampler.row_shards)
+    return np.flatnonzero((slots_K >= 0) & (devices != block))
+
   def widen(self, width: int):
     """Left-pads every prompt's keys to `width` slots (a longer bucket)."""
     if width > self.width:
@@ -715,9 +723,7 @@ class Slots:
     slots_K = np.asarray(slots_K)
     shards = sampler.row_shards
     rows_each, slots_each = len(slots_K) // shards, len(self._groups) // shards
-    elsewhere = np.flatnonzero(
-        (slots_K >= 0) & (sampler.slot_devices(slots_K, len(self._groups))
-                          != np.arange(len(slots_K)) // rows_each))
+    elsewhere = self._off_device(slots_K)
     if elsewhere.size:
       raise ValueError(
           f"rows {elsewhere.tolist()} would go to slots "
@@ -745,8 +751,7 @@ class Slots:
     sampler._check_rows(len(slots_G))
     slots_G = np.asarray(slots_G)
     each = len(slots_G) // sampler.row_shards
-    moved = np.flatnonzero(sampler.slot_devices(slots_G, len(self._groups))
-                           != np.arange(len(slots_G)) // each)
+    moved = self._off_device(slots_G)
     if moved.size:
       raise ValueError(
           f"new slots {moved.tolist()} would hold slots "

@@ -1,11 +1,11 @@
 """CLIP preprocessing against transformers' CLIPImageProcessor."""
 import jax.numpy as jnp
 import numpy as np
-import conftest
 import pytest
 import tolerance
 import transformers
 
+import conftest
 from isr_dpo_jax.data import video
 
 TOLERANCE = 2 / 255  # Acceptance: per pixel, before normalisation.

@@ -3,9 +3,9 @@ import json
 
 import numpy as np
 from PIL import Image
-import conftest
 import pytest
 
+import conftest
 from isr_dpo_jax import errors
 from isr_dpo_jax.data import loader
 from isr_dpo_jax.data import records

@@ -7,9 +7,9 @@ import hypothesis
 from hypothesis import strategies as st
 import numpy as np
 from PIL import Image
-import conftest
 import pytest
 
+import conftest
 from isr_dpo_jax.data import video
 
 FILE_BACKENDS = ("decord", "pyav")
