@@ -1,4 +1,6 @@
 """Sampling filters and draws against NumPy references."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,20 +57,40 @@ def test_top_p_cutoff_handles_negative_and_huge_logits():
   np.testing.assert_array_equal(np.isfinite(got), want > 0)
 
 
-def test_categorical_matches_softmax_and_never_draws_filtered_tokens():
-  logits = _logits(batch=3, vocab=40, seed=1)
+def _assert_draws_follow(tokens_DxB, want_BxV):
+  """Each row's draws hit no zero-probability token and lie within about
+  twice the total-variation distance expected of that many exact draws."""
+  draws = len(tokens_DxB)
+  for tokens, want in zip(tokens_DxB.T, want_BxV):
+    empirical = np.bincount(tokens, minlength=len(want)) / draws
+    assert np.all(empirical[want == 0] == 0)
+    expected_tv = 0.5 * np.sqrt(2 * want * (1 - want) / (np.pi * draws)).sum()
+    assert 0.5 * np.abs(empirical - want).sum() < 2 * expected_tv + 0.002
+
+
+@pytest.mark.parametrize("vocab", [40, 300])
+def test_categorical_matches_softmax_and_never_draws_filtered_tokens(vocab):
+  logits = _logits(batch=3, vocab=vocab, seed=1)
   logits[:, ::3] = -np.inf
+  logits[1, 128:256] = -np.inf  # a whole block of the inversion (vocab 300)
   draws = 60_000
   keys = jax.random.split(jax.random.key(0), draws)
   tokens = jax.jit(jax.vmap(sampling.categorical, in_axes=(0, None)))(
       keys[:, None], jnp.asarray(logits))  # [draws, 3]
-  tokens = np.asarray(tokens)
-  want = _np_softmax(logits.astype(np.float64))
-  for row in range(3):
-    empirical = np.bincount(tokens[:, row], minlength=40) / draws
-    assert np.all(empirical[want[row] == 0] == 0)
-    # Expected TV for 60k draws over <= 27 tokens is about 0.01.
-    assert 0.5 * np.abs(empirical - want[row]).sum() < 0.02
+  _assert_draws_follow(np.asarray(tokens), _np_softmax(logits.astype(np.float64)))
+
+
+@pytest.mark.parametrize("top_p,rounds", [(0.9, 4), (0.3, 4), (0.3, 1)])
+def test_nucleus_draws_follow_the_filtered_distribution(top_p, rounds):
+  # rounds=1 sends every rejected draw to the bisected nucleus; at top_p 0.3
+  # a flat row is rejected about 70% of the time, so both paths are drawn.
+  logits = _logits(batch=4, vocab=300, seed=2)
+  draws = 60_000
+  keys = jax.random.split(jax.random.key(1), draws)
+  nucleus = functools.partial(sampling._nucleus, top_p=top_p, rounds=rounds)
+  tokens = jax.jit(jax.vmap(nucleus, in_axes=(0, None)))(
+      keys[:, None], jnp.asarray(logits))
+  _assert_draws_follow(np.asarray(tokens), np_filtered_probs(logits, 1.0, 0, top_p))
 
 
 def test_greedy_is_argmax_and_ignores_keys():

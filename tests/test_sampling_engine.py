@@ -13,7 +13,7 @@ from isr_dpo_jax import sampling
 
 PROMPT_LENGTHS = [7, 3, 10, 5]
 SAMPLE = sampling.SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10,
-                                 stop_ids=(5,))
+                                 stop_ids=tuple(range(5, 13)))
 
 
 @pytest.fixture(scope="module")
