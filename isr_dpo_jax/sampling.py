@@ -275,16 +275,14 @@ def _prompt_logits(model, ids_BxL, mask_BxL, videos, cache_len, cache_dtype,
   """Runs left-padded prompts into a new cache of cache_len slots (the
   prompts' keys shared by num_samples rows each).
 
-  Returns the logits [B, V] after each prompt and the cache. Left padding
-  puts every row's last token at the end, so the output head runs there
-  alone (XLA would not drop the other L - 1 positions).
+  Returns the logits [B, V] after each prompt and the cache.
   """
   feats_BxNxD = None if videos is None else model.encode_video(videos)
   x_BxLxD = model.embed(ids_BxL, feats_BxNxD)
-  hidden_BxLxD, cache = model.prefill(
+  hidden_BxD, cache = model.prefill(
       x_BxLxD, batching.positions(mask_BxL), mask_BxL.astype(bool), cache_len,
       cache_dtype, num_samples)
-  return model.logits(hidden_BxLxD[:, -1]), cache
+  return model.logits(hidden_BxD), cache
 
 
 def _score(graphdef, mesh, cache_dtype, state, ids_BxL, mask_BxL, videos,

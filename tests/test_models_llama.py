@@ -113,6 +113,20 @@ def test_long_attention_backward_holds_less_than_its_logits():
   assert memory.temp_size_in_bytes < 4 * 4096 * 4096 * 4
 
 
+def test_prefill_hidden_state_gives_transformers_logits_after_each_prompt(pair):
+  """Left-padded prompts in query blocks, the last layer at the last position
+  alone: the output head on prefill's [B, D] is transformers' last logits."""
+  hf, model = pair
+  text = model.language_model
+  ids = np.random.default_rng(4).integers(3, ref.IMAGE_ID, (3, 9))
+  mask = np.ones_like(ids, bool)
+  mask[1, :4] = mask[2, :1] = False
+  hidden_BxD, _ = text.prefill(text.embed(jnp.asarray(ids)), jnp.asarray(ref.positions(mask)),
+                               jnp.asarray(mask), max_len=12)
+  want = ref.logits(hf, ids, mask.astype(np.int64))[:, -1]
+  tolerance.assert_close(text.logits(hidden_BxD), want)
+
+
 def test_many_tokens_on_a_cache_attend_in_blocks_as_transformers_does(pair, monkeypatch):
   """Two 11-token suffixes of one prefilled prompt (a judge's two orders) in
   blocks of 4 queries, the last padded: the whole rows' logits in transformers."""

@@ -91,7 +91,7 @@ def _greedy(model, ids, mask, frames, steps, samples=None):
   else:
     prefill = nnx.jit(lambda m, x, p, v: m.prefill(x, p, v, valid.shape[1], num_samples=samples))
     hidden, cache = prefill(model, x, pos, jnp.asarray(mask, bool))
-    logits = jnp.repeat(model.logits(hidden[:, -1]), samples, axis=0)
+    logits = jnp.repeat(model.logits(hidden), samples, axis=0)
     valid, pos = np.repeat(valid, samples, axis=0), jnp.repeat(pos, samples, axis=0)
   tokens = []
   for step in range(steps):

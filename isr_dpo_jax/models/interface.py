@@ -115,10 +115,14 @@ class VideoLanguageModel(Protocol):
   def prefill(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
               mask_BxL: jax.Array, max_len: int, dtype=None,
               num_samples: int = 1) -> tuple[jax.Array, Cache]:
-    """Left-padded prompts -> (hidden states [B, L, D], a cache for B * n rows).
+    """Left-padded prompts -> (the final hidden state [B, D] after each, a
+    cache for B * n rows).
 
-    Row b * n + j of the cache continues prompt b (sample j); it has max_len
-    slots in all, L of them the prompt's, and `index` = L. dtype: the cache's.
+    Left padding puts every prompt's last token at position L - 1, so only
+    that position's hidden state is needed (logits of the first new token),
+    and the last layer may skip the others. Row b * n + j of the cache
+    continues prompt b (sample j); it has max_len slots in all, L of them the
+    prompt's, and `index` = L. dtype: the cache's.
     """
 
   def decode(self, x_BxLxD: jax.Array, positions_BxL: jax.Array, mask_BxS,

@@ -216,12 +216,19 @@ class Attention(nnx.Module):
     self.o_proj = layers.dense(q_dim, d, ("heads", "embed"), **kw)
 
   def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, prefix=None,
-               query_blocks=None):
+               query_blocks=None, last_query_only=False):
     """Output and keys/values: kv (a layer's cache, after `prefix` if any) is
     updated at its slot index and attended over; without kv, query_blocks None
     attends as in training (no keys returned), and an int runs a prefill (see
-    `attention`) and returns the call's own keys/values [B, K, L, H]."""
-    q = apply_rotary(layers.split_heads(self.q_proj(x_BxLxD), self.head_dim), cos_sin)
+    `attention`) and returns the call's own keys/values [B, K, L, H].
+    last_query_only (a prefill's last layer): the output is the last
+    position's alone [B, 1, D]; the keys and values are all L positions'."""
+    x_q, cos_sin_q, mask_q = x_BxLxD, cos_sin, mask_BxLxS
+    if last_query_only:
+      x_q, mask_q = x_BxLxD[:, -1:], mask_BxLxS[:, -1:]
+      cos_sin_q = tuple(table[:, -1:] for table in cos_sin)
+      query_blocks = 1
+    q = apply_rotary(layers.split_heads(self.q_proj(x_q), self.head_dim), cos_sin_q)
     k = apply_rotary(layers.split_heads(self.k_proj(x_BxLxD), self.head_dim), cos_sin)
     v = layers.split_heads(self.v_proj(x_BxLxD), self.head_dim)
     if kv is None and query_blocks is None:
@@ -238,7 +245,7 @@ class Attention(nnx.Module):
           lambda q, mask: attention(q, k, v, mask, prefix=prefix), q, mask_BxLxS,
           CACHED_QUERY_BLOCK)
     else:
-      out = attention(q, k, v, mask_BxLxS, query_blocks=query_blocks)
+      out = attention(q, k, v, mask_q, query_blocks=query_blocks)
     return self.o_proj(layers.merge_heads(out)), kv
 
 
@@ -272,9 +279,11 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, **kw)
 
   def __call__(self, x_BxLxD, cos_sin, mask_BxLxS, kv=None, index=None, prefix=None,
-               query_blocks=None):
+               query_blocks=None, last_query_only=False):
     h, kv = self.self_attn(self.input_layernorm(x_BxLxD), cos_sin, mask_BxLxS, kv, index,
-                           prefix, query_blocks)
+                           prefix, query_blocks, last_query_only)
+    if last_query_only:
+      x_BxLxD = x_BxLxD[:, -1:]
     x_BxLxD = x_BxLxD + h
     return x_BxLxD + self.mlp(self.post_attention_layernorm(x_BxLxD)), kv
 
@@ -325,26 +334,33 @@ class Llama(nnx.Module):
 
   def prefill(self, x_BxLxD, positions_BxL, mask_BxL, max_len: int, dtype=None,
               num_samples: int = 1):
-    """`hidden_states` of B prompts and a new cache of max_len slots for n samples each.
+    """The final hidden state [B, D] after each of B left-padded prompts and a
+    new cache of max_len slots for n samples each.
 
     The prompts attend over their own L keys only, which become the cache's
     prefix (slots [0, L), index L) for rows b * n .. b * n + n - 1; each row
-    gets max_len - L empty slots of its own.
+    gets max_len - L empty slots of its own. The last layer runs its queries,
+    output and MLP at the last position alone: only its keys and values are
+    needed elsewhere (1 / num_layers of a prefill's matmuls saved).
     """
     batch, length = x_BxLxD.shape[:2]
-    hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask_BxL, None,
-                                      query_blocks=-(-length // PREFILL_QUERY_BLOCK))
+    hidden_Bx1xD, kvs = self._decoder(x_BxLxD, positions_BxL, mask_BxL, None,
+                                      query_blocks=-(-length // PREFILL_QUERY_BLOCK),
+                                      last_query_only=True)
     dtype = dtype or self.dtype
     prefix_keys = tuple(k.swapaxes(2, 3).astype(dtype) for k, _ in kvs)
     prefix_values = tuple(v.astype(dtype) for _, v in kvs)
     cache = self.init_cache(batch * num_samples, max_len - length, dtype)
-    return hidden_BxLxD, cache.replace(index=jnp.asarray(length, jnp.int32),
-                                       prefix_keys=prefix_keys, prefix_values=prefix_values)
+    return hidden_Bx1xD[:, 0], cache.replace(index=jnp.asarray(length, jnp.int32),
+                                             prefix_keys=prefix_keys,
+                                             prefix_values=prefix_values)
 
-  def _decoder(self, x_BxLxD, positions_BxL, mask, cache, remat_policy=None, query_blocks=None):
+  def _decoder(self, x_BxLxD, positions_BxL, mask, cache, remat_policy=None, query_blocks=None,
+               last_query_only=False):
     """The layers and the final norm; also each layer's keys and values [B, K, S, H]
     (None without a cache or query_blocks; see Attention). Without them (training,
-    scoring) the layers run as `_scan_layers`, remat_policy applied to each."""
+    scoring) the layers run as `_scan_layers`, remat_policy applied to each.
+    last_query_only: the last layer goes on from the last position alone."""
     q_len = x_BxLxD.shape[1]
     index = 0 if cache is None else cache.index
     mask_BxLxS = attention_mask(mask, q_len, q_len if cache is None else cache.max_len, index)
@@ -367,7 +383,8 @@ class Llama(nnx.Module):
         kv, slot = (cache.keys[i], cache.values[i]), index - cache.prefix_len
         if cache.prefix_keys is not None:
           prefix = (cache.prefix_keys[i], cache.prefix_values[i])
-      x, kv = layer(pin_rows(x), cos_sin, mask_BxLxS, kv, slot, prefix, query_blocks)
+      last = last_query_only and i == len(self.layers) - 1
+      x, kv = layer(pin_rows(x), cos_sin, mask_BxLxS, kv, slot, prefix, query_blocks, last)
       kvs.append(kv)
     return self.norm(x), kvs
 
