@@ -327,9 +327,10 @@ def _prompts_in_cache(model, ids_BxL, mask_BxL, videos, suffix_ids_NxM,
                                            (0, length))
   positions_NxM = (positions_N[:, None]
                    + jnp.cumsum(suffix_mask_NxM, axis=1, dtype=jnp.int32) - 1)
-  hidden_NxMxD, cache = model.hidden_states(model.embed(suffix_ids_NxM),
-                                            positions_NxM, valid_NxS, cache)
-  return (model.logits(hidden_NxMxD[:, -1]), cache,
+  hidden_Nx1xD, cache = model.hidden_states(model.embed(suffix_ids_NxM),
+                                            positions_NxM, valid_NxS, cache,
+                                            last_only=True)
+  return (model.logits(hidden_Nx1xD[:, 0]), cache,
           positions_N + jnp.sum(suffix_mask_NxM, axis=1, dtype=jnp.int32),
           valid_NxS)
 

@@ -129,7 +129,8 @@ def test_prefill_hidden_state_gives_transformers_logits_after_each_prompt(pair):
 
 def test_many_tokens_on_a_cache_attend_in_blocks_as_transformers_does(pair, monkeypatch):
   """Two 11-token suffixes of one prefilled prompt (a judge's two orders) in
-  blocks of 4 queries, the last padded: the whole rows' logits in transformers."""
+  blocks of 4 queries, the last padded: the whole rows' logits in transformers,
+  and with last_only (a judge's scoring) the last position's."""
   hf, model = pair
   monkeypatch.setattr(llama, "CACHED_QUERY_BLOCK", 4)
   text = model.language_model
@@ -149,6 +150,10 @@ def test_many_tokens_on_a_cache_attend_in_blocks_as_transformers_does(pair, monk
   for row in range(2):
     real = suffix_mask[row]
     tolerance.assert_close(got[row][real], want[row, 6:][real])
+  last_Nx1xD, _ = text.hidden_states(text.embed(jnp.asarray(suffixes)),
+                                     jnp.asarray(positions_NxM), jnp.asarray(valid_NxS),
+                                     cache, last_only=True)
+  tolerance.assert_close(text.logits(last_Nx1xD[:, 0]), want[:, -1])
 
 
 @conftest.needs_libtpu

@@ -99,14 +99,16 @@ class VideoLanguageModel(Protocol):
 
   def hidden_states(self, x_BxLxD: jax.Array, positions_BxL: jax.Array,
                     mask=None, cache: Cache | None = None, *,
-                    remat_policy=None) -> tuple[jax.Array, Cache | None]:
+                    remat_policy=None, last_only=False) -> tuple[jax.Array, Cache | None]:
     """Final hidden states [B, L, D] (output head not applied), and the cache.
 
     mask: None (causal), [B, L] real keys (and causal), or [B, L, L] as given
     (packed rows, packing.py). `logits(hidden_states(...)[0][:, i])` equals
     the full forward at positions i, so callers run the output head only
     where they read it. remat_policy: a `jax.checkpoint_policies` policy for
-    the backward pass.
+    the backward pass. last_only (with a cache): only the last position's
+    [B, 1, D] is returned, and the last layer may skip the other queries; the
+    cache still gets every position's keys.
     """
 
   def logits(self, hidden_BxLxD: jax.Array) -> jax.Array:

@@ -221,13 +221,13 @@ class Attention(nnx.Module):
     updated at its slot index and attended over; without kv, query_blocks None
     attends as in training (no keys returned), and an int runs a prefill (see
     `attention`) and returns the call's own keys/values [B, K, L, H].
-    last_query_only (a prefill's last layer): the output is the last
-    position's alone [B, 1, D]; the keys and values are all L positions'."""
+    last_query_only (the last layer, where only the last position is read):
+    the output is that position's alone [B, 1, D]; the keys and values are
+    all L positions'. Not in training's branch."""
     x_q, cos_sin_q, mask_q = x_BxLxD, cos_sin, mask_BxLxS
     if last_query_only:
       x_q, mask_q = x_BxLxD[:, -1:], mask_BxLxS[:, -1:]
       cos_sin_q = tuple(table[:, -1:] for table in cos_sin)
-      query_blocks = 1
     q = apply_rotary(layers.split_heads(self.q_proj(x_q), self.head_dim), cos_sin_q)
     k = apply_rotary(layers.split_heads(self.k_proj(x_BxLxD), self.head_dim), cos_sin)
     v = layers.split_heads(self.v_proj(x_BxLxD), self.head_dim)
@@ -242,10 +242,10 @@ class Attention(nnx.Module):
     k, v = (c.astype(q.dtype) for c in kv)
     if query_blocks is None:  # over a cache
       out = layers.in_query_blocks(
-          lambda q, mask: attention(q, k, v, mask, prefix=prefix), q, mask_BxLxS,
+          lambda q, mask: attention(q, k, v, mask, prefix=prefix), q, mask_q,
           CACHED_QUERY_BLOCK)
     else:
-      out = attention(q, k, v, mask_q, query_blocks=query_blocks)
+      out = attention(q, k, v, mask_q, query_blocks=1 if last_query_only else query_blocks)
     return self.o_proj(layers.merge_heads(out)), kv
 
 
@@ -318,15 +318,18 @@ class Llama(nnx.Module):
     return self.logits(hidden_BxLxD), cache
 
   def hidden_states(self, x_BxLxD, positions_BxL, mask=None, cache: KVCache | None = None,
-                    *, remat_policy=None):
+                    *, remat_policy=None, last_only=False):
     """Final hidden states [B, L, D] (after the last norm) and the updated cache.
 
     `logits` of some of them equals the full call at those positions, so a
     caller that scores a few positions (training on responses only) runs the
     output head on those alone. remat_policy (a `jax.checkpoint_policies`
     policy) rematerialises each decoder layer in the backward pass.
+    last_only (with a cache): the last position's alone [B, 1, D], the last
+    layer's other queries skipped; the cache still gets all L keys.
     """
-    hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask, cache, remat_policy)
+    hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask, cache, remat_policy,
+                                      last_query_only=last_only)
     if cache is not None:
       keys, values = zip(*kvs)
       cache = cache.replace(keys=keys, values=values, index=cache.index + x_BxLxD.shape[1])

@@ -103,15 +103,15 @@ class VideoLlava(nnx.Module):
     return self.language_model(x_BxLxD, positions_BxL, mask, cache)
 
   def hidden_states(self, x_BxLxD, positions_BxL, mask=None, cache: KVCache | None = None,
-                    *, remat_policy=None):
+                    *, remat_policy=None, last_only=False):
     """`decode` without the output head: (hidden states [B, L, D], cache)."""
     return self.language_model.hidden_states(x_BxLxD, positions_BxL, mask, cache,
-                                             remat_policy=remat_policy)
+                                             remat_policy=remat_policy, last_only=last_only)
 
   def prefill(self, x_BxLxD, positions_BxL, mask_BxL, max_len: int, dtype=None,
               num_samples: int = 1):
-    """`hidden_states` of prompts and a new cache of max_len slots for
-    num_samples rows each; see llama.py."""
+    """The hidden state after each prompt and a new cache of max_len slots
+    for num_samples rows each; see llama.py."""
     return self.language_model.prefill(x_BxLxD, positions_BxL, mask_BxL, max_len, dtype,
                                        num_samples)
 
