@@ -27,19 +27,20 @@ generate's beside it) says how close each side comes to what the machine
 allows. The last line printed is speedup_vs_hf_generate=<hf seconds / our
 seconds>.
 
-Measured 2026-12-04 at d6b8406 on the 2-core VM (XLA's matmul 179-191
-GFLOP/s against ~360 idle), three rounds: 4.0 s against 7.3 s for
-transformers (1.83x, median), 47% of the roofline (44-55%); every round is in
-docs/2026-12-04-benchmarks.md. An H200 run in bf16 (0.049 s against 0.617 s,
-12.5x) predates the shared prompt cache and is not rerun.
+Measured 2026-12-04 at 23bbdfd on the 2-core VM (XLA's matmul 182-211
+GFLOP/s against ~360 idle), three rounds: 3.44 s against 7.19 s for
+transformers (2.09x, median), 57% of the roofline (53-57%); every round is in
+docs/2026-12-04-top-p-and-last-layer.md. An H200 run in bf16 (0.049 s against
+0.617 s, 12.5x) predates the shared prompt cache and is not rerun.
 
-Where the CPU time goes (16 prompts): the prefill is ~1.9 s for 270 GFLOP.
-Each decode step takes 33-40 ms against a byte roofline of ~10.6 ms. Of
-that, the output head takes 5.8 ms: at 16 rows XLA:CPU's product runs at
-about half its 2048^3 rate, so it is bound by arithmetic, not by its 65 MB.
-The exact top-p takes 5.6 ms, one row at a time, and attention over the
-prompt's keys ~1.6 ms a layer. With n samples per prompt the prompt's keys
-are read once per step for all n (see models.KVCache).
+Where the CPU time goes (16 prompts): the prefill is ~1.8 s for 270 GFLOP
+(150 GFLOP/s, 70-80% of the 2048^3 rate). Each decode step takes ~26 ms
+against a byte roofline of ~10.6 ms, nearly all of it in the matrix
+libraries: at 16 rows XLA:CPU's products (the layers and the 65 MB output
+head) are bound by their arithmetic, not by the bytes they read, and the
+attention over the prompt's keys reads them at about 12 GB/s. With n samples
+per prompt the prompt's keys are read once per step for all n (see
+models.KVCache).
 """
 import argparse
 import os

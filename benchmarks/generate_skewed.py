@@ -37,13 +37,13 @@ side's own lengths / its seconds.
   python benchmarks/generate_skewed.py
   python benchmarks/generate_skewed.py --device cuda --dtype bfloat16  # GPU
 
-Measured 2026-12-04 at d6b8406, three rounds of each command on the 2-core
-VM (XLA's matmul 195-214 GFLOP/s against ~360 idle), medians:
---max-new-tokens 256 --stop-ids 667: 2.02x the static engine and 3.84x
-transformers (18.3, 36.1 and 70.6 s); the default: 1.53x and 2.64x. Every
-round is in docs/2026-12-04-benchmarks.md. At the default lengths the
-prefill is most of the roofline (5.2 of 6.1 s), so batching gains less
-there than on the loop's longer answers.
+Measured 2026-12-04 at 23bbdfd, three rounds of each command on the 2-core
+VM (XLA's matmul 188-214 GFLOP/s against ~360 idle), medians:
+--max-new-tokens 256 --stop-ids 667: 1.75x the static engine and 4.08x
+transformers in tokens/s (15.4, 27.6 and 72.0 s); the default: 1.61x and
+2.75x. Every round is in docs/2026-12-04-top-p-and-last-layer.md. At the
+default lengths the prefill is most of the roofline (5.0 of 5.9 s), so
+batching gains less there than on the loop's longer answers.
 """
 import argparse
 import importlib.util
