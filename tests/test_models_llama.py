@@ -154,6 +154,9 @@ def test_many_tokens_on_a_cache_attend_in_blocks_as_transformers_does(pair, monk
                                      jnp.asarray(positions_NxM), jnp.asarray(valid_NxS),
                                      cache, last_only=True)
   tolerance.assert_close(text.logits(last_Nx1xD[:, 0]), want[:, -1])
+  with pytest.raises(ValueError, match="needs a cache"):
+    text.hidden_states(text.embed(jnp.asarray(suffixes)), jnp.asarray(positions_NxM),
+                       last_only=True)
 
 
 @conftest.needs_libtpu

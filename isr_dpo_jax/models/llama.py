@@ -328,6 +328,8 @@ class Llama(nnx.Module):
     last_only (with a cache): the last position's alone [B, 1, D], the last
     layer's other queries skipped; the cache still gets all L keys.
     """
+    if last_only and cache is None:  # training's scan has no last-layer branch
+      raise ValueError("hidden_states(last_only=True) needs a cache")
     hidden_BxLxD, kvs = self._decoder(x_BxLxD, positions_BxL, mask, cache, remat_policy,
                                       last_query_only=last_only)
     if cache is not None:
